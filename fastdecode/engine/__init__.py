@@ -1,0 +1,1 @@
+"""Prefill, decode steps (CUDA-graphed on GPU), sampling and stop conditions."""

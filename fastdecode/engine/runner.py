@@ -1,0 +1,101 @@
+"""ModelRunner: owns the KV cache and runs prefill and decode steps for one model.
+
+On CUDA the decode step is captured as a CUDA graph per batch size (as nano-vllm does), and
+the dense halves of each layer are compiled once by torch.compile; on CPU it runs eagerly.
+Graph capture uses the real step's inputs: the warm-up writes K/V exactly where the real
+step writes them, so capture never disturbs the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdecode.kv.cache import KVCache
+from fastdecode.model.transformer import Transformer
+
+CAPACITY_ROUNDING = 128
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Transformer, *, cuda_graphs: bool | None = None, compile: bool | None = None
+    ) -> None:
+        on_cuda = model.device.type == "cuda"
+        self.model = model
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
+        if on_cuda if compile is None else compile:
+            model.compile()
+        self.cache: KVCache | None = None
+        self._graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
+        self._pool = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def allocate(self, batch: int, tokens_needed: int) -> KVCache:
+        """Ensure a cache of `batch` rows holding `tokens_needed` slots (reused when it fits)."""
+        capacity = round_up(tokens_needed, CAPACITY_ROUNDING)
+        if capacity > self.model.config.max_position:
+            raise ValueError(
+                f"prompt + max_tokens needs {tokens_needed} positions, more than the model's "
+                f"context of {self.model.config.max_position}"
+            )
+        cache = self.cache
+        if cache is None or cache.batch != batch or cache.capacity != capacity:
+            self.cache = None
+            self._graphs.clear()  # graphs point at the old cache's memory
+            self.cache = self.model.new_cache(batch, capacity)
+        return self.cache
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run right-padded prompts from position 0; logits [B, V] at each last prompt token."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(lengths.max())
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        return self.model.forward(tokens, positions, self.cache, logit_index=lengths - 1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row: tokens, positions [B] -> logits [B, V]."""
+        if not self.cuda_graphs:
+            return self.model.forward(tokens[:, None], positions[:, None], self.cache)[:, 0]
+        batch = tokens.shape[0]
+        if batch not in self._graphs:
+            self._graphs[batch] = self._capture(tokens, positions)
+        graph, static_tokens, static_positions, logits = self._graphs[batch]
+        static_tokens.copy_(tokens[:, None])
+        static_positions.copy_(positions[:, None])
+        graph.replay()
+        return logits
+
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
+        static_tokens = tokens[:, None].clone()
+        static_positions = positions[:, None].clone()
+
+        def step() -> torch.Tensor:
+            return self.model.forward(static_tokens, static_positions, self.cache)[:, 0]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile + autotune outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = step()
+        return graph, static_tokens, static_positions, logits

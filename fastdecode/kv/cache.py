@@ -1,0 +1,51 @@
+"""Preallocated KV storage: one [batch, kv_heads, capacity, head_dim] buffer per layer.
+
+Row b, slot j holds the key/value written for sequence b at slot j. Slots are given
+explicitly on every write, so a verify step can write K draft tokens and the engine can
+roll back by simply forgetting slots (they are masked until overwritten), or compact an
+accepted tree path with `move`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch = batch
+        self.capacity = capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slots src -> dst (same row) in every layer: compacts an accepted tree path."""
+        for cache in self.k + self.v:
+            rows = cache.permute(0, 2, 1, 3)
+            rows[batch_index, dst] = rows[batch_index, src]
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_index: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Store k, v [B, Hkv, T, D] at slots [B, T] of each row (in place, graph-capturable)."""
+    k_cache.permute(0, 2, 1, 3).index_put_((batch_index, slots), k.transpose(1, 2))
+    v_cache.permute(0, 2, 1, 3).index_put_((batch_index, slots), v.transpose(1, 2))

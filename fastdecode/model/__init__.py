@@ -1,0 +1,1 @@
+"""One decoder implementation for the Llama family, and its loaders."""

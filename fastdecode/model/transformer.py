@@ -1,0 +1,177 @@
+"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2/2.5, Qwen3) over our KV cache.
+
+Weights arrive under HF names (from safetensors or a dequantized GGUF) and are fused here
+(q|k|v, gate|up) so a decode step launches fewer, larger matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from fastdecode.kv.attention import fold_mask_for_gqa, visible_mask
+from fastdecode.kv.cache import KVCache
+from fastdecode.model.config import ModelConfig
+from fastdecode.model.layers import (
+    LayerFunctions,
+    LayerWeights,
+    attention_input,
+    attention_output_and_mlp,
+    decoder_layer,
+    rms_norm,
+)
+from fastdecode.model.rope import rope_table
+
+
+class Transformer:
+    """Plain container of weights plus a forward over a KVCache (no nn.Module machinery)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+    ) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        max_position = config.max_position
+        cos, sin = rope_table(config.hf_config, config.head_dim, max_position)
+        self.cos = cos.to(device=embed.device, dtype=embed.dtype)
+        self.sin = sin.to(device=embed.device, dtype=embed.dtype)
+        self.layer_fns = LayerFunctions(
+            functools.partial(
+                attention_input,
+                num_heads=config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
+                eps=config.rms_norm_eps,
+            ),
+            functools.partial(attention_output_and_mlp, eps=config.rms_norm_eps),
+        )
+
+    def compile(self) -> None:
+        """Compile the two dense halves of a layer once; every layer shares the kernels."""
+        self.layer_fns = LayerFunctions(
+            *(torch.compile(fn, fullgraph=True, dynamic=False) for fn in self.layer_fns)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step streams from memory for the weights (embedding rows excluded)."""
+        total = self.lm_head.numel() + self.norm.numel()
+        for layer in self.layers:
+            total += sum(t.numel() for t in layer if t is not None)
+        return total * self.embed.element_size()
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        cfg = self.config
+        return KVCache(
+            cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, self.dtype, self.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        *,
+        slots: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        logit_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run tokens [B, T] at RoPE positions [B, T], writing K/V at `slots` (default: positions).
+
+        mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification).
+        logit_index [B] picks one position per row to project (prefill); default: all.
+        Returns logits [B, T, V] (or [B, V] with logit_index), in float32.
+        """
+        batch, length = tokens.shape
+        slots = positions if slots is None else slots
+        if mask is None:
+            mask = visible_mask(positions, cache.capacity)
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        batch_index = torch.arange(batch, device=tokens.device)[:, None].expand(batch, length)
+        mask = fold_mask_for_gqa(mask, self.config.num_heads // self.config.num_kv_heads)
+        x = F.embedding(tokens, self.embed)
+        for i, weights in enumerate(self.layers):
+            x = decoder_layer(
+                self.layer_fns,
+                x,
+                weights,
+                cache.k[i],
+                cache.v[i],
+                cos,
+                sin,
+                mask,
+                batch_index,
+                slots,
+            )
+        if logit_index is not None:
+            x = x[torch.arange(batch, device=x.device), logit_index]
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    @classmethod
+    def from_hf_state_dict(
+        cls,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> Transformer:
+        """Build from HF-named tensors ("model.layers.0.self_attn.q_proj.weight", ...)."""
+
+        def take(name: str, required: bool = True) -> torch.Tensor | None:
+            tensor = state.get(name)
+            if tensor is None:
+                if required:
+                    raise ValueError(f"checkpoint is missing tensor {name!r}")
+                return None
+            return tensor.to(device=device, dtype=dtype)
+
+        def cat(*names: str, required: bool = True) -> torch.Tensor | None:
+            parts = [take(n, required) for n in names]
+            return None if any(p is None for p in parts) else torch.cat(parts, dim=0).contiguous()
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            layers.append(
+                LayerWeights(
+                    attn_norm=take(p + "input_layernorm.weight"),
+                    qkv=cat(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                    qkv_bias=cat(
+                        attn + "q_proj.bias",
+                        attn + "k_proj.bias",
+                        attn + "v_proj.bias",
+                        required=config.attention_bias,
+                    ),
+                    q_norm=take(attn + "q_norm.weight", config.qk_norm),
+                    k_norm=take(attn + "k_norm.weight", config.qk_norm),
+                    o=take(attn + "o_proj.weight"),
+                    mlp_norm=take(p + "post_attention_layernorm.weight"),
+                    gate_up=cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    down=take(p + "mlp.down_proj.weight"),
+                )
+            )
+        embed = take("model.embed_tokens.weight")
+        lm_head = take("lm_head.weight", required=False)  # absent when tied to the embedding
+        return cls(
+            config, embed, layers, take("model.norm.weight"), embed if lm_head is None else lm_head
+        )
