@@ -51,6 +51,7 @@ class ModelRunner:
         if cache is None or cache.batch != batch or cache.capacity != capacity:
             self.cache = None
             self._graphs.clear()  # graphs point at the old cache's memory
+            self._pool = None  # a pool cannot outlive its graphs
             self.cache = self.model.new_cache(batch, capacity)
         return self.cache
 
@@ -70,7 +71,9 @@ class ModelRunner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V]."""
         if not self.cuda_graphs:
-            return self.model.forward(tokens[:, None], positions[:, None], self.cache)[:, 0]
+            return self.model.forward(tokens[:, None], positions[:, None], self.cache, decode=True)[
+                :, 0
+            ]
         batch = tokens.shape[0]
         if batch not in self._graphs:
             self._graphs[batch] = self._capture(tokens, positions)
@@ -85,7 +88,9 @@ class ModelRunner:
         static_positions = positions[:, None].clone()
 
         def step() -> torch.Tensor:
-            return self.model.forward(static_tokens, static_positions, self.cache)[:, 0]
+            return self.model.forward(static_tokens, static_positions, self.cache, decode=True)[
+                :, 0
+            ]
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

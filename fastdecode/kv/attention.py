@@ -27,10 +27,33 @@ def fold_mask_for_gqa(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask.expand(batch, group, length, capacity).reshape(batch, 1, group * length, capacity)
 
 
+def decode_kernel_available(device: torch.device) -> bool:
+    """The Triton decode kernel serves CUDA devices; elsewhere SDPA with a mask does."""
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def cache_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    mask: torch.Tensor | None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, T, D], caches [B, Hkv, S, D], folded mask [B, 1, G*T, S] -> [B, Hq, T, D]."""
+    """q [B, Hq, T, D], caches [B, Hkv, S, D] -> [B, Hq, T, D].
+
+    Either `mask` (folded [B, 1, G*T, S], any T) or `lengths` [B] (T = 1, slots
+    0..len-1 visible, the Triton decode kernel) says what each query sees.
+    """
+    if lengths is not None:
+        from fastdecode.kv.triton_decode import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, lengths)
     batch, num_heads, length, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads * length, head_dim)

@@ -89,16 +89,18 @@ def decoder_layer(
     v_cache: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     batch_index: torch.Tensor,
     slots: torch.Tensor,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm block: x [B, T, hidden] -> x [B, T, hidden]; writes K/V at `slots`.
 
     The cache write and the attention stay outside the dense halves: they are the part a
-    KV policy or a custom kernel replaces. `mask` is already folded for GQA.
+    KV policy or a custom kernel replaces. `mask` is already folded for GQA; `lengths`
+    replaces it for single-token decode through the Triton kernel.
     """
     q, k, v = fns.attention_input(x, w, cos, sin)
     write_kv(k_cache, v_cache, k, v, batch_index, slots)
-    attn = cache_attention(q, k_cache, v_cache, mask)
+    attn = cache_attention(q, k_cache, v_cache, mask, lengths)
     return fns.attention_output_and_mlp(x, attn, w)

@@ -11,7 +11,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastdecode.kv.attention import fold_mask_for_gqa, visible_mask
+from fastdecode.kv.attention import decode_kernel_available, fold_mask_for_gqa, visible_mask
 from fastdecode.kv.cache import KVCache
 from fastdecode.model.config import ModelConfig
 from fastdecode.model.layers import (
@@ -55,10 +55,19 @@ class Transformer:
             ),
             functools.partial(attention_output_and_mlp, eps=config.rms_norm_eps),
         )
+        self.decode_fns = self.layer_fns  # replaced by compiled versions in compile()
+        self.decode_kernel = decode_kernel_available(embed.device)
 
     def compile(self) -> None:
-        """Compile the two dense halves of a layer once; every layer shares the kernels."""
-        self.layer_fns = LayerFunctions(
+        """Compile the two dense halves of a layer for decode steps; every layer shares the
+        kernels (one compile per batch size, not per layer). Prefill stays eager: it is
+        compute-bound, and its shapes vary with every prompt length."""
+        import torch._dynamo.config as dynamo_config
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 64))
+        self.decode_fns = LayerFunctions(
             *(torch.compile(fn, fullgraph=True, dynamic=False) for fn in self.layer_fns)
         )
 
@@ -92,25 +101,32 @@ class Transformer:
         slots: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         logit_index: torch.Tensor | None = None,
+        decode: bool = False,
     ) -> torch.Tensor:
         """Run tokens [B, T] at RoPE positions [B, T], writing K/V at `slots` (default: positions).
 
         mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification).
         logit_index [B] picks one position per row to project (prefill); default: all.
+        decode=True uses the compiled layer halves (fixed small shapes).
         Returns logits [B, T, V] (or [B, V] with logit_index), in float32.
         """
         batch, length = tokens.shape
-        slots = positions if slots is None else slots
-        if mask is None:
+        lengths = None
+        if decode and mask is None and slots is None and length == 1 and self.decode_kernel:
+            lengths = positions[:, 0] + 1  # the kernel reads slots 0..position
+        elif mask is None:
             mask = visible_mask(positions, cache.capacity)
+        slots = positions if slots is None else slots
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         batch_index = torch.arange(batch, device=tokens.device)[:, None].expand(batch, length)
-        mask = fold_mask_for_gqa(mask, self.config.num_heads // self.config.num_kv_heads)
+        if mask is not None:
+            mask = fold_mask_for_gqa(mask, self.config.num_heads // self.config.num_kv_heads)
         x = F.embedding(tokens, self.embed)
+        fns = self.decode_fns if decode else self.layer_fns
         for i, weights in enumerate(self.layers):
             x = decoder_layer(
-                self.layer_fns,
+                fns,
                 x,
                 weights,
                 cache.k[i],
@@ -120,6 +136,7 @@ class Transformer:
                 mask,
                 batch_index,
                 slots,
+                lengths,
             )
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index]
