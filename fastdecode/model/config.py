@@ -39,6 +39,14 @@ class ModelConfig:
             )
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
+        max_position = getattr(hf, "max_position_embeddings", 4096)
+        # Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is not
+        # implemented: within the window it equals full attention, so cap the context there
+        # rather than silently computing different logits past it.
+        window = getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None)
+        if window and (layer_types is None or "sliding_attention" in layer_types):
+            max_position = min(max_position, window)
         return cls(
             model_type=model_type,
             vocab_size=hf.vocab_size,
@@ -49,7 +57,7 @@ class ModelConfig:
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
-            max_position=getattr(hf, "max_position_embeddings", 4096),
+            max_position=max_position,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
             qk_norm=model_type == "qwen3",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastdecode.model.config import ModelConfig
+from fastdecode.model.config import ModelConfig, UnsupportedModelError
 from fastdecode.model.gguf_loader import load_gguf_config, load_gguf_tensors, load_gguf_tokenizer
 from fastdecode.model.transformer import Transformer
 
@@ -96,6 +97,24 @@ def _load_hf_dir(path: Path) -> tuple[Any, dict[str, torch.Tensor], Any]:
     return hf_config, state, AutoTokenizer.from_pretrained(str(path))
 
 
+def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, ModelConfig, dict, Any]:
+    try:
+        hf_config = load_gguf_config(path)
+        config = ModelConfig.from_hf(hf_config)
+        state = load_gguf_tensors(path, config, dtype)
+        tokenizer = load_gguf_tokenizer(path)
+    except UnsupportedModelError:
+        raise
+    except (ValueError, struct.error, EOFError, OSError, IndexError, KeyError) as exc:
+        # A truncated or corrupt file fails deep inside the gguf parser (struct.error,
+        # a reshape ValueError, ...): name the file and the likely cause.
+        kind = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
+        raise ModelLoadError(
+            f"{path}: could not read this GGUF file; it may be truncated or corrupt ({kind}: {exc})"
+        ) from exc
+    return hf_config, config, state, tokenizer
+
+
 def load_model(
     spec: str | os.PathLike,
     *,
@@ -106,10 +125,7 @@ def load_model(
     path = resolve(spec, progress=progress)
     try:
         if path.is_file():
-            hf_config = load_gguf_config(path)
-            config = ModelConfig.from_hf(hf_config)
-            state = load_gguf_tensors(path, config, dtype)
-            tokenizer = load_gguf_tokenizer(path)
+            hf_config, config, state, tokenizer = _read_gguf(path, dtype)
         else:
             hf_config, state, tokenizer = _load_hf_dir(path)
             config = ModelConfig.from_hf(hf_config)

