@@ -71,26 +71,22 @@ class ModelRunner:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V]."""
         if not self.cuda_graphs:
-            return self.model.forward(tokens[:, None], positions[:, None], self.cache, decode=True)[
-                :, 0
-            ]
+            return self.model.decode_step(tokens, positions, self.cache)
         batch = tokens.shape[0]
         if batch not in self._graphs:
             self._graphs[batch] = self._capture(tokens, positions)
         graph, static_tokens, static_positions, logits = self._graphs[batch]
-        static_tokens.copy_(tokens[:, None])
-        static_positions.copy_(positions[:, None])
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
         graph.replay()
         return logits
 
     def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
-        static_tokens = tokens[:, None].clone()
-        static_positions = positions[:, None].clone()
+        static_tokens = tokens.clone()
+        static_positions = positions.clone()
 
         def step() -> torch.Tensor:
-            return self.model.forward(static_tokens, static_positions, self.cache, decode=True)[
-                :, 0
-            ]
+            return self.model.decode_step(static_tokens, static_positions, self.cache)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

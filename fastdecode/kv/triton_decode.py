@@ -4,6 +4,11 @@ Split-K ("flash-decoding"): each program reads one slice of one row's keys for o
 and serves the whole GQA query group with one matrix product, so K/V are read once per
 KV head and never repeated. A second small kernel merges the slices by log-sum-exp.
 Reads only the valid slots (lengths live on the device, so it is CUDA-graph safe).
+
+`fused_decode_attention` also takes the raw QKV projection of the new token: it applies
+RoPE to q and k, stores k and v in the cache, and attends, in one launch. That replaces
+four to five small kernels per layer, and at these model sizes kernel count, not bytes,
+is what a decode step pays for.
 """
 
 from __future__ import annotations
@@ -12,58 +17,105 @@ import torch
 import triton
 import triton.language as tl
 
-SPLIT_SIZE = 256
 BLOCK_N = 64
+TARGET_SPLITS = 16  # slices per row and KV head: enough programs to fill the GPU at batch 1
+
+
+def split_size(capacity: int) -> int:
+    """Slots per program: few loop trips (latency) but not thousands of slices to merge."""
+    return min(1024, max(BLOCK_N, triton.next_power_of_2(triton.cdiv(capacity, TARGET_SPLITS))))
+
+
+@triton.jit
+def _rope(x_ptr, offs_row, d, cos, sin, HEAD_DIM: tl.constexpr, mask):
+    """Load rows x[offs_row + d] and rotate them (HF's rotate-half convention), in fp32."""
+    half: tl.constexpr = HEAD_DIM // 2
+    x = tl.load(x_ptr + offs_row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    pair = tl.load(x_ptr + offs_row + ((d + half) % HEAD_DIM)[None, :], mask=mask, other=0.0)
+    sign = tl.where(d < half, -1.0, 1.0)
+    return x * cos[None, :] + sign[None, :] * pair.to(tl.float32) * sin[None, :]
 
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     num_splits, scale,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, NEW_TOKEN: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
     length = tl.load(len_ptr + b)
     start = split * SPLIT
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
-    row = (b * tl.num_programs(1) * GROUP + heads) * num_splits + split
+    row = (b * num_kv_heads * GROUP + heads) * num_splits + split
     if start >= length:
         tl.store(lse_ptr + row, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=g < GROUP)
         return
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=g[:, None] < GROUP,
-        other=0.0,
-    )
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    group_mask = g[:, None] < GROUP
+    if NEW_TOKEN:
+        # q_ptr is the QKV projection [B, (Hq + 2 Hkv) * D]: rotate q and k here, store k, v.
+        position = length - 1
+        cos = tl.load(cos_ptr + b * HEAD_DIM + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * HEAD_DIM + d).to(tl.float32)
+        qkv_row = q_ptr + b * stride_qb
+        q = _rope(qkv_row, heads[:, None] * HEAD_DIM, d, cos, sin, HEAD_DIM, group_mask)
+        k_off = (num_kv_heads * GROUP + kv_head) * HEAD_DIM
+        v_off = (num_kv_heads * (GROUP + 1) + kv_head) * HEAD_DIM
+        one = tl.arange(0, 1)
+        k_new = _rope(qkv_row, k_off + one[:, None] * 0, d, cos, sin, HEAD_DIM, one[:, None] < 1)
+        v_new = tl.load(qkv_row + v_off + d).to(tl.float32)
+        end = tl.minimum(start + SPLIT, position)  # the new slot is handled from registers
+        q = q.to(k_ptr.dtype.element_ty)
+    else:
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=group_mask,
+            other=0.0,
+        )
+        end = tl.minimum(start + SPLIT, length)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    end = tl.minimum(start + SPLIT, length)
-    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
-    for n0 in range(start, end, BLOCK):
-        n = n0 + tl.arange(0, BLOCK)
+    for i in range(0, SPLIT, BLOCK):
+        n = start + i + tl.arange(0, BLOCK)
         valid = n < end
         k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
         total = total * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m = m_new
+    if NEW_TOKEN:
+        if position < start + SPLIT:  # this split owns the new slot: store it, attend to it
+            tl.store(k_base + position * stride_ks + d[None, :] + one[:, None] * 0,
+                     k_new.to(k_ptr.dtype.element_ty))  # fmt: skip
+            tl.store(v_base + position * stride_vs + d, v_new.to(v_ptr.dtype.element_ty))
+            k_rounded = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)
+            v_rounded = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
+            score = tl.sum(q.to(tl.float32) * k_rounded, 1) * scale
+            m_new = tl.maximum(m, score)
+            alpha = tl.exp(m - m_new)
+            p_new = tl.exp(score - m_new)
+            total = total * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_rounded[None, :]
+            m = m_new
     out = acc / total[:, None]
-    tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=g[:, None] < GROUP)
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=group_mask)
     tl.store(lse_ptr + row, m + tl.log(total), mask=g < GROUP)
 
 
@@ -86,29 +138,49 @@ def _merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; lengths [B] (slots 0..len-1) -> [B, Hq, 1, D]."""
-    batch, num_heads, _, head_dim = q.shape
-    num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
+    batch = lengths.shape[0]
+    num_kv_heads, capacity, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = num_heads // num_kv_heads
-    num_splits = triton.cdiv(capacity, SPLIT_SIZE)
-    q = q.contiguous()
+    split = split_size(capacity)
+    num_splits = triton.cdiv(capacity, split)
     partial = torch.empty(batch * num_heads * num_splits, head_dim, device=q.device)
     lse = torch.empty(batch * num_heads * num_splits, device=q.device)
     _split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, lengths, partial, lse,
-        q.stride(0), q.stride(1),
+        q, k_cache, v_cache, lengths, partial, lse, cos, sin,
+        q.stride(0), q.stride(1) if not new_token else head_dim,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         num_splits, head_dim**-0.5,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        SPLIT=SPLIT_SIZE, BLOCK=BLOCK_N,
+        SPLIT=split, BLOCK=BLOCK_N, NEW_TOKEN=new_token,
     )  # fmt: skip
-    out = torch.empty_like(q)
+    out = torch.empty(batch, num_heads, 1, head_dim, device=q.device, dtype=k_cache.dtype)
     _merge_kernel[(batch * num_heads,)](
         partial, lse, out, num_splits,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
     )  # fmt: skip
     return out
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; lengths [B] (slots 0..len-1) -> [B, Hq, 1, D]."""
+    q = q.contiguous()
+    return _launch(q, k_cache, v_cache, lengths, q, q, q.shape[1], new_token=False)
+
+
+def fused_decode_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """qkv [B, (Hq + 2 Hkv) * D] of the new token (pre-RoPE), cos/sin [B, D] at its position
+    (= lengths - 1). Stores its k, v at that slot and returns attention [B, Hq, 1, D]."""
+    qkv = qkv.contiguous()
+    return _launch(qkv, k_cache, v_cache, lengths, cos, sin, num_heads, new_token=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastdecode.kv.attention import decode_kernel_available, fold_mask_for_gqa, visible_mask
 from fastdecode.kv.cache import KVCache
 from fastdecode.model.config import ModelConfig
+from fastdecode.model.fused_decode import FusedDecodeStep, fused_decode_supported
 from fastdecode.model.layers import (
     LayerFunctions,
     LayerWeights,
@@ -57,6 +58,7 @@ class Transformer:
         )
         self.decode_fns = self.layer_fns  # replaced by compiled versions in compile()
         self.decode_kernel = decode_kernel_available(embed.device)
+        self.fused_decode = FusedDecodeStep(self, False) if fused_decode_supported(self) else None
 
     def compile(self) -> None:
         """Compile the two dense halves of a layer for decode steps; every layer shares the
@@ -70,6 +72,16 @@ class Transformer:
         self.decode_fns = LayerFunctions(
             *(torch.compile(fn, fullgraph=True, dynamic=False) for fn in self.layer_fns)
         )
+        if self.fused_decode is not None:
+            self.fused_decode = FusedDecodeStep(self, compile=True)
+
+    def decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """One token per row: tokens, positions [B] -> logits [B, V] (float32)."""
+        if self.fused_decode is not None:
+            return self.fused_decode(tokens, positions, cache)
+        return self.forward(tokens[:, None], positions[:, None], cache, decode=True)[:, 0]
 
     @property
     def device(self) -> torch.device:
