@@ -1,0 +1,153 @@
+"""Draft trees: what every drafter proposes and what verification scores in one pass.
+
+A chain (classic speculative decoding, Leviathan et al. 2023 "Fast Inference from
+Transformers via Speculative Decoding"; Chen et al. 2023 "Accelerating Large Language Model
+Decoding with Speculative Sampling") is a tree with one branch. Trees follow SpecInfer's
+token-tree verification and Medusa's tree attention: all nodes are fed to the target in one
+forward pass, each node attending to the accepted prefix, its ancestors and itself.
+
+Nodes are stored in topological order (a parent comes before its children); node i's
+parent is `parents[i]`, -1 meaning a child of the root (the last accepted token, which is
+fed as column 0 of the verify step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    """tokens[i], parents[i] (-1 = child of the root) and, optionally, q[i]: the draft
+    distribution [V] that node i was drawn from, given its ancestors *and* its earlier
+    siblings (so siblings drawn i.i.d. share one q, as in SpecInfer; siblings drawn without
+    replacement carry the renormalized remainder, as in Sequoia). q None (for the whole tree
+    or one node) means a deterministic proposal (n-gram, suffix): verified as q = one-hot."""
+
+    tokens: list[int]
+    parents: list[int]
+    q: Sequence[torch.Tensor | None] | torch.Tensor | None = None
+    depth: list[int] = field(init=False)
+    _children: list[list[int]] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = [int(t) for t in self.tokens]
+        self.parents = [int(p) for p in self.parents]
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.parents)} parents")
+        if self.q is not None and len(self.q) != len(self.tokens):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.q)} draft distributions")
+        depth = []
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(
+                    f"node {i} has parent {p}: parents must come earlier (topological order)"
+                )
+            depth.append(1 if p < 0 else depth[p] + 1)
+        self.depth = depth
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int], q: Sequence[torch.Tensor | None] | None = None):
+        """A single branch: node i is the child of node i - 1."""
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), q)
+
+    @classmethod
+    def empty(cls) -> DraftTree:
+        return cls([], [])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depth, default=0)
+
+    def q_of(self, node: int) -> torch.Tensor | None:
+        return None if self.q is None else self.q[node]
+
+    def children(self, node: int) -> list[int]:
+        """Children of `node` (-1: of the root), in proposal order."""
+        if self._children is None:
+            kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
+            for i, p in enumerate(self.parents):
+                kids[p + 1].append(i)
+            self._children = kids
+        return self._children[node + 1]
+
+    def truncate(self, max_nodes: int) -> DraftTree:
+        """The first `max_nodes` nodes (still a tree: parents come first)."""
+        if len(self) <= max_nodes:
+            return self
+        q = None if self.q is None else self.q[:max_nodes]
+        return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes], q)
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[N, N] bool: row i is True at i and at every ancestor of i."""
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                mask[i] |= mask[p]
+        return mask
+
+
+@dataclass
+class TreeBatch:
+    """Several rows' trees padded to one width W (padded nodes: token 0, depth 1, seeing only
+    themselves; verification never walks them, so they are never accepted)."""
+
+    tokens: torch.Tensor  # [B, W] long
+    depth: torch.Tensor  # [B, W] long
+    mask: torch.Tensor  # [B, W, W] bool ancestor-or-self
+    valid: torch.Tensor  # [B, W] bool
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    def verify_inputs(
+        self, last: torch.Tensor, lengths: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of one verify step over T = 1 + W columns per row.
+
+        last [B]: the last accepted token (column 0, the normal decode input); lengths [B]:
+        slots already in the cache. Returns tokens, positions (RoPE: length + depth),
+        slots (length + column) [B, T] and the attention mask [B, 1, T, capacity]: the
+        cached prefix, plus column 0 and the node's ancestors and itself.
+        """
+        batch, width = self.tokens.shape
+        device = lengths.device
+        zeros = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        tokens = torch.cat([last[:, None].to(device), self.tokens.to(device)], dim=1)
+        positions = lengths[:, None] + torch.cat([zeros, self.depth.to(device)], dim=1)
+        slots = lengths[:, None] + torch.arange(1 + width, device=device)
+        local = torch.zeros(batch, 1 + width, 1 + width, dtype=torch.bool, device=device)
+        local[:, :, 0] = True  # every column sees the root
+        local[:, 1:, 1:] = self.mask.to(device)
+        mask = torch.arange(capacity, device=device)[None, None, :] < lengths[:, None, None]
+        mask = mask.expand(batch, 1 + width, capacity).clone()
+        mask.scatter_(2, slots[:, None, :].expand(batch, 1 + width, 1 + width), local)
+        return tokens, positions, slots, mask[:, None]
+
+
+def pad_trees(trees: Sequence[DraftTree], width: int | None = None) -> TreeBatch:
+    """Stack trees into tensors of one width (default: the largest tree)."""
+    width = max((len(t) for t in trees), default=0) if width is None else width
+    batch = len(trees)
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    depth = torch.ones(batch, width, dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1)
+    valid = torch.zeros(batch, width, dtype=torch.bool)
+    for b, tree in enumerate(trees):
+        n = len(tree)
+        if n > width:
+            raise ValueError(f"tree of {n} nodes does not fit width {width}")
+        if n:
+            tokens[b, :n] = torch.tensor(tree.tokens)
+            depth[b, :n] = torch.tensor(tree.depth)
+            mask[b, :n, :n] = tree.ancestor_mask()
+            valid[b, :n] = True
+    return TreeBatch(tokens, depth, mask, valid)

@@ -1,0 +1,111 @@
+"""One verification path for every drafter: walk the draft tree from the root, accepting
+nodes with the target's logits, and end with one token drawn from the target.
+
+Greedy: accept the child whose token equals the target's argmax at its parent; the output
+is exactly plain greedy decoding, plus one bonus token (the argmax at the last accepted
+node).
+
+Sampling: lossless speculative sampling (Leviathan et al. 2023, "Fast Inference from
+Transformers via Speculative Decoding"; Chen et al. 2023, "Accelerating Large Language Model
+Decoding with Speculative Sampling"): accept x ~ q with probability min(1, p(x) / q(x)), and
+on rejection draw from normalize(max(p - q, 0)). For several children of one node this is
+applied recursively over the siblings (multi-draft recursive rejection sampling of SpecInfer
+and Sequoia): after sibling k is rejected, the target for sibling k + 1 is the residual
+normalize(max(p_k - q_k, 0)), where q_k is the distribution sibling k was drawn from given
+the earlier ones. Proposals without q (n-gram, suffix: deterministic) are q = one-hot, so
+they are accepted with probability p(x) and a rejection removes x from p. Every emitted
+token is then distributed exactly as the target's (temperature / top-k / top-p applied
+through `filtered_probs`).
+
+Randomness comes from the request's own generator (`fastdecode.engine.sampling`), so a
+seeded request is reproducible alone or in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.engine.sampling import filtered_probs, sample_row
+from fastdecode.params import SamplingParams
+from fastdecode.spec.tree import DraftTree
+
+
+@dataclass
+class Verdict:
+    """The accepted path (node indices, root to leaf) and the tokens to emit: the accepted
+    nodes' tokens followed by one token from the target (bonus or correction)."""
+
+    accepted: list[int]
+    tokens: list[int]
+
+
+def verify_greedy(tree: DraftTree, argmax: Sequence[int]) -> Verdict:
+    """argmax[0]: target's argmax after the root; argmax[i + 1]: after node i."""
+    accepted: list[int] = []
+    node = -1
+    while True:
+        target = int(argmax[node + 1])
+        for child in tree.children(node):
+            if tree.tokens[child] == target:
+                accepted.append(child)
+                node = child
+                break
+        else:
+            return Verdict(accepted, [tree.tokens[i] for i in accepted] + [target])
+
+
+def _uniform(generator: torch.Generator) -> float:
+    return torch.rand(1, generator=generator, device=generator.device).item()
+
+
+def verify_sampling(tree: DraftTree, probs: torch.Tensor, generator: torch.Generator) -> Verdict:
+    """probs [1 + N, V]: the target's (filtered) distribution after the root and each node."""
+    accepted: list[int] = []
+    node = -1
+    while True:
+        p = probs[node + 1].double()
+        for child in tree.children(node):
+            token = tree.tokens[child]
+            q = tree.q_of(child)
+            q_token = 1.0 if q is None else q[token].item()
+            p_token = p[token].item()
+            if _uniform(generator) * q_token < p_token:  # accept with min(1, p / q)
+                accepted.append(child)
+                node = child
+                break
+            if q is None:
+                residual = p.clone()
+                residual[token] = 0.0
+            else:
+                residual = (p - q.to(p.device, torch.float64)).clamp_(min=0.0)
+            total = residual.sum()
+            # total == 0 means p == q: rejection had probability 0 (a rounding artefact).
+            if total > 0:
+                p = residual / total
+        else:
+            final = int(sample_row(p, generator))
+            return Verdict(accepted, [tree.tokens[i] for i in accepted] + [final])
+
+
+def verify_batch(
+    trees: Sequence[DraftTree],
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> list[Verdict]:
+    """logits [B, T, V] of one verify step (column 0: root, column i + 1: node i; columns
+    past a row's tree are padding) -> one Verdict per row."""
+    greedy_rows = [b for b, p in enumerate(params) if p.greedy]
+    argmax = logits[greedy_rows].argmax(-1).tolist() if greedy_rows else []
+    by_row = dict(zip(greedy_rows, argmax, strict=True))
+    verdicts = []
+    for b, (tree, p, gen) in enumerate(zip(trees, params, generators, strict=True)):
+        if p.greedy:
+            verdicts.append(verify_greedy(tree, by_row[b]))
+        else:
+            probs = filtered_probs(logits[b, : 1 + len(tree)], p)
+            verdicts.append(verify_sampling(tree, probs, gen))
+    return verdicts
