@@ -11,9 +11,11 @@ import torch
 
 from fastdecode.engine.generate import BatchTiming, run_batch
 from fastdecode.engine.runner import ModelRunner
+from fastdecode.engine.speculative import SpecTiming, run_speculative
 from fastdecode.engine.stopping import RequestState
 from fastdecode.model.load import load_model
 from fastdecode.params import SamplingParams
+from fastdecode.spec.config import SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # End-of-turn markers that chat models emit in place of (or besides) their eos_token.
@@ -21,6 +23,7 @@ _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", 
 
 Message = dict[str, str]
 Prompt = str | list[int] | list[Message]
+SpecArg = SpeculativeConfig | dict[str, Any] | str | None
 
 
 @dataclass
@@ -30,7 +33,8 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str
-    metrics: dict[str, float] = field(default_factory=dict)
+    # floats; with speculation also acceptance_per_position (a list of floats)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def _pick_device(device: str) -> torch.device:
@@ -60,6 +64,10 @@ class LLM:
     model: a registry name (see `fastdecode fetch --list`), a .gguf file, an HF directory
     (config.json + safetensors + tokenizer) or a hub id. dtype/device "auto" picks bf16 on
     CUDA and float32 on CPU.
+
+    speculative_config turns on speculative decoding for every request (vLLM's option): a
+    SpeculativeConfig, a method name, or vLLM's dict, e.g. {"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4}. `generate` may override it.
     """
 
     def __init__(
@@ -72,7 +80,11 @@ class LLM:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         progress: bool = True,
+        speculative_config: SpecArg = None,
     ) -> None:
+        self.speculative_config = (
+            None if speculative_config is None else SpeculativeConfig.from_any(speculative_config)
+        )
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
         loaded = load_model(model, dtype=self.dtype, device=self.device, progress=progress)
@@ -130,12 +142,16 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         chat_template: bool | None = None,
+        speculative_config: SpecArg = None,
     ) -> list[GenerationResult]:
         """Generate for each prompt (batched, up to max_batch_size at once).
 
         Plain strings are used as given unless chat_template=True; chats always get the
         tokenizer's chat template. One SamplingParams applies to all, or give one each.
+        speculative_config (default: the LLM's) decodes speculatively; the output is the
+        same as without it (greedy: token for token; sampling: in distribution).
         """
+        spec = self._spec(speculative_config)
         items = self._normalize(prompts)
         params_list = self._params_for(items, params)
         results: list[GenerationResult] = []
@@ -143,11 +159,13 @@ class LLM:
             chunk = items[start : start + self.max_batch_size]
             chunk_params = params_list[start : start + self.max_batch_size]
             ids = [self.encode(p, chat_template) for p in chunk]
-            states, timing = self._new_states(chunk_params), BatchTiming()
-            for _ in run_batch(self.runner, ids, states, timing, self.check_every):
+            states = self._new_states(chunk_params)
+            steps, timing = self._decode(ids, states, spec, self.check_every)
+            for _ in steps:
                 pass
             results += [
-                self._result(p, i, s, timing) for p, i, s in zip(chunk, ids, states, strict=True)
+                self._result(p, i, s, timing, row)
+                for row, (p, i, s) in enumerate(zip(chunk, ids, states, strict=True))
             ]
         return results
 
@@ -163,13 +181,16 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         chat_template: bool | None = None,
+        speculative_config: SpecArg = None,
     ) -> Iterator[str]:
         """Yield text pieces of one request as they are decoded; the last value returned by
         the iterator (StopIteration.value) is the GenerationResult."""
+        spec = self._spec(speculative_config)
         params = params or SamplingParams()
         ids = self.encode(prompt, chat_template)
-        state, timing = self._new_states([params])[0], BatchTiming()
-        for _ in run_batch(self.runner, [ids], [state], timing, check_every=1):
+        state = self._new_states([params])[0]
+        steps, timing = self._decode([ids], [state], spec, check_every=1)
+        for _ in steps:
             piece = state.new_text()
             if piece:
                 yield piece
@@ -177,6 +198,27 @@ class LLM:
         if piece:
             yield piece
         return self._result(prompt, ids, state, timing)
+
+    def _spec(self, speculative_config: SpecArg) -> SpeculativeConfig | None:
+        if speculative_config is None:
+            return self.speculative_config
+        return SpeculativeConfig.from_any(speculative_config)
+
+    def _decode(
+        self,
+        ids: list[list[int]],
+        states: list[RequestState],
+        spec: SpeculativeConfig | None,
+        check_every: int,
+    ) -> tuple[Iterator[None], BatchTiming]:
+        """The decoding loop for one batch: plain, or speculative when `spec` is set."""
+        if spec is None:
+            timing = BatchTiming()
+            return run_batch(self.runner, ids, states, timing, check_every), timing
+        timing = SpecTiming()
+        drafters = [spec.new_drafter() for _ in ids]
+        steps = run_speculative(self.runner, ids, states, timing, drafters, spec.num_draft_tokens)
+        return steps, timing
 
     def _params_for(self, items: list[Prompt], params) -> list[SamplingParams]:
         if params is None:
@@ -192,7 +234,12 @@ class LLM:
         return [RequestState(p, self.eos_ids, self.tokenizer) for p in params]
 
     def _result(
-        self, prompt: Prompt, ids: list[int], state: RequestState, timing: BatchTiming
+        self,
+        prompt: Prompt,
+        ids: list[int],
+        state: RequestState,
+        timing: BatchTiming,
+        row: int = 0,
     ) -> GenerationResult:
         total = timing.prefill_s + timing.decode_s
         n = len(state.token_ids)
@@ -204,6 +251,19 @@ class LLM:
             "decode_tokens_per_s": (timing.steps - 1) / timing.decode_s if timing.decode_s else 0.0,
             "tokens_per_s": n / total if total else 0.0,
         }
+        if isinstance(timing, SpecTiming):  # this request's speculation record
+            stats = timing.rows[row]
+            if timing.decode_s and n > 1:  # steps count verify passes, not tokens
+                metrics["decode_tokens_per_s"] = (n - 1) / timing.decode_s
+            metrics.update(
+                tau=stats.tau,
+                spec_steps=stats.steps,
+                draft_tokens=sum(stats.proposed),
+                accepted_tokens=sum(stats.accepted),
+                acceptance_per_position=stats.acceptance,
+                draft_s=stats.draft_s,
+                verify_s=stats.verify_s,
+            )
         text_prompt = prompt if isinstance(prompt, str) else None
         return GenerationResult(
             text_prompt, ids, state.text, state.token_ids, state.finish_reason, metrics

