@@ -305,6 +305,25 @@ def write_report(report: dict, out: Path, name: str = "decode") -> None:
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def summary_table(report: dict) -> str:
+    """The README's table: our rows beside HF's, one line per model and batch."""
+    hf = {(r["model"], r["batch"]): r for r in report["rows"] if r["method"] == "hf"}
+    lines = [
+        "| model | batch | tok/s (ours) | ms/step | HF tok/s | × HF | roofline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r["method"] != "plain":
+            continue
+        h = hf.get((r["model"], r["batch"]), {})
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['tokens_per_s']:.0f} | {r['ms_per_token']:.2f} "
+            f"| {h.get('tokens_per_s', '')} | {r['speedup_vs_hf'] or ''} "
+            f"| {r['roofline_fraction']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -327,6 +346,7 @@ def main() -> None:
         merged = {"meta": parts[0]["meta"], "rows": [r for p in parts for r in p["rows"]]}
         merged["meta"]["command"] = " ; ".join(p["meta"]["command"] for p in parts)
         write_report(merged, args.out, args.name)
+        print(summary_table(merged))
         return
     if not torch.cuda.is_available():
         sys.exit("error: the decode benchmark needs a CUDA GPU")
