@@ -526,3 +526,18 @@ def test_llm_request_errors(tiny_llm):
         tiny_llm.generate([])
     with pytest.raises(ValueError, match="context"):
         tiny_llm.generate("w3", SamplingParams(max_tokens=10_000))
+
+
+def test_request_filling_the_whole_context_is_accepted(tiny_llm, monkeypatch):
+    """The cache capacity is rounded up for reuse, but never past the model's context
+    (here 200, not a multiple of the rounding)."""
+    import dataclasses
+
+    context = 200
+    config = dataclasses.replace(tiny_llm.model.config, max_position=context)
+    monkeypatch.setattr(tiny_llm.model, "config", config)
+    prompt = [3, 4, 5, 6, 7]
+    params = SamplingParams(max_tokens=context - len(prompt) - 3, ignore_eos=True)
+    out = tiny_llm.generate(prompt, params)[0]
+    assert len(out.token_ids) == params.max_tokens
+    assert tiny_llm.runner.cache.capacity <= context

@@ -41,12 +41,13 @@ class ModelRunner:
 
     def allocate(self, batch: int, tokens_needed: int) -> KVCache:
         """Ensure a cache of `batch` rows holding `tokens_needed` slots (reused when it fits)."""
-        capacity = round_up(tokens_needed, CAPACITY_ROUNDING)
-        if capacity > self.model.config.max_position:
+        context = self.model.config.max_position
+        if tokens_needed > context:
             raise ValueError(
                 f"prompt + max_tokens needs {tokens_needed} positions, more than the model's "
-                f"context of {self.model.config.max_position}"
+                f"context of {context}"
             )
+        capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), context)
         cache = self.cache
         if cache is None or cache.batch != batch or cache.capacity != capacity:
             self.cache = None
