@@ -211,7 +211,7 @@ def test_cli_stats_line_shows_tau():
 
 # -- the loop on SmolLM2: greedy parity, tau, the cache ---------------------------------------
 
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
 NGRAM = SpeculativeConfig(method="ngram", num_draft_tokens=4)
 # Raw-text prompts with repetition (code, lists), so n-gram drafts get accepted.
@@ -256,7 +256,7 @@ def test_ngram_greedy_equals_plain_batch_one(smollm2_llm, plain_greedy):
         assert spec.text == plain.text
         taus.append(spec.metrics["tau"])
         assert spec.metrics["spec_steps"] < MAX_TOKENS or spec.metrics["tau"] == 1.0
-    assert max(taus) > 1.5 and sum(taus) / len(taus) > 1.2
+    assert max(taus) > 1.5 and sum(taus) / len(taus) > 1.1, taus
 
 
 @pytest.mark.slow

@@ -137,10 +137,13 @@ def run_speculative(
         # -- verify: one target pass over every row's tree --------------------------------
         t0 = time.perf_counter()
         lengths_t = torch.tensor(lengths, device=device)
-        tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
-            torch.tensor(last), lengths_t, cache.capacity
-        )
-        logits = model.forward(tokens, positions, cache, slots=slots, mask=mask)
+        if any(len(tree) for tree in trees):
+            tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
+                torch.tensor(last), lengths_t, cache.capacity
+            )
+            logits = model.forward(tokens, positions, cache, slots=slots, mask=mask)
+        else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
+            logits = runner.decode(torch.tensor(last, device=device), lengths_t)[:, None]
         verdicts = verify_batch(trees, logits, params, generators)
 
         # -- compact: accepted nodes' K/V to consecutive slots after the prefix -----------
