@@ -13,6 +13,7 @@ from fastdecode.engine.generate import BatchTiming, run_batch
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.speculative import SpecTiming, run_speculative
 from fastdecode.engine.stopping import RequestState
+from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.model.load import load_model
 from fastdecode.params import SamplingParams
 from fastdecode.spec.config import SpeculativeConfig
@@ -81,6 +82,7 @@ class LLM:
         compile: bool | None = None,
         progress: bool = True,
         speculative_config: SpecArg = None,
+        kv_policy: KVPolicyConfig | dict | None = None,
     ) -> None:
         self.speculative_config = (
             None if speculative_config is None else SpeculativeConfig.from_any(speculative_config)
@@ -92,7 +94,10 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         self.max_batch_size = max_batch_size
-        self.runner = ModelRunner(self.model, cuda_graphs=cuda_graphs, compile=compile)
+        self.kv_policy = None if kv_policy is None else KVPolicyConfig.from_any(kv_policy)
+        self.runner = ModelRunner(
+            self.model, cuda_graphs=cuda_graphs, compile=compile, kv_policy=self.kv_policy
+        )
         self.eos_ids = self._eos_ids()
         # On GPU look at the tokens every few steps; on CPU a step dwarfs a sync.
         self.check_every = 8 if self.device.type == "cuda" else 1

@@ -43,7 +43,8 @@ def run_batch(
     device = runner.device
     params = [s.params for s in states]
     max_new = max(p.max_tokens for p in params)
-    runner.allocate(len(prompts), max(len(p) for p in prompts) + max_new)
+    longest = max(len(p) for p in prompts)
+    runner.allocate(len(prompts), longest + max_new, prompt_len=longest)
     generators = [make_generator(p, device) for p in params]
 
     start = time.perf_counter()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from fastdecode.kv.cache import KVCache
+from fastdecode.kv.policies import KVPolicyConfig
+from fastdecode.kv.sparse import SparseKVCache
 from fastdecode.model.transformer import Transformer
 
 CAPACITY_ROUNDING = 128
@@ -22,14 +24,20 @@ def round_up(n: int, multiple: int) -> int:
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, *, cuda_graphs: bool | None = None, compile: bool | None = None
+        self,
+        model: Transformer,
+        *,
+        cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+        kv_policy: KVPolicyConfig | None = None,
     ) -> None:
         on_cuda = model.device.type == "cuda"
         self.model = model
         self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs and on_cuda
         if on_cuda if compile is None else compile:
             model.compile()
-        self.cache: KVCache | None = None
+        self.kv_policy = kv_policy  # None: the dense cache; else a budgeted SparseKVCache
+        self.cache: KVCache | SparseKVCache | None = None
         self._graphs: dict[
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
         ] = {}
@@ -39,14 +47,21 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.model.device
 
-    def allocate(self, batch: int, tokens_needed: int) -> KVCache:
-        """Ensure a cache of `batch` rows holding `tokens_needed` slots (reused when it fits)."""
+    def allocate(
+        self, batch: int, tokens_needed: int, prompt_len: int | None = None
+    ) -> KVCache | SparseKVCache:
+        """Ensure a cache of `batch` rows holding `tokens_needed` slots (reused when it fits).
+
+        With a KV policy the cache is budgeted instead, sized from the longest prompt
+        (`prompt_len`) and the tokens still to come; it is new for every batch."""
         context = self.model.config.max_position
         if tokens_needed > context:
             raise ValueError(
                 f"prompt + max_tokens needs {tokens_needed} positions, more than the model's "
                 f"context of {context}"
             )
+        if self.kv_policy is not None:
+            return self._allocate_budgeted(batch, tokens_needed, prompt_len or tokens_needed)
         capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), context)
         cache = self.cache
         if cache is None or cache.batch != batch or cache.capacity != capacity:
@@ -54,6 +69,19 @@ class ModelRunner:
             self._graphs.clear()  # graphs point at the old cache's memory
             self._pool = None  # a pool cannot outlive its graphs
             self.cache = self.model.new_cache(batch, capacity)
+        return self.cache
+
+    def _allocate_budgeted(self, batch: int, tokens_needed: int, prompt_len: int):
+        cfg = self.model.config
+        policy = self.kv_policy.build(context=tokens_needed)
+        max_new = tokens_needed - prompt_len
+        capacities = [policy.capacity(i, prompt_len, max_new) for i in range(cfg.num_layers)]
+        self.cache = None
+        self._graphs.clear()
+        self._pool = None
+        self.cache = SparseKVCache(
+            policy, capacities, batch, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
+        )
         return self.cache
 
     @torch.inference_mode()
@@ -66,12 +94,14 @@ class ModelRunner:
             tokens[row, : len(prompt)] = torch.tensor(prompt)
         tokens = tokens.to(self.device)
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        return self.model.forward(tokens, positions, self.cache, logit_index=lengths - 1)
+        return self.model.forward(
+            tokens, positions, self.cache, logit_index=lengths - 1, prefill=True
+        )
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V]."""
-        if not self.cuda_graphs:
+        if not self.cuda_graphs or not isinstance(self.cache, KVCache):
             return self.model.decode_step(tokens, positions, self.cache)
         batch = tokens.shape[0]
         if batch not in self._graphs:

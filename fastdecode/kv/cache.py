@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from fastdecode.kv.attention import cache_attention
+from fastdecode.kv.step import StepContext
+
 
 class KVCache:
     def __init__(
@@ -30,6 +33,15 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def store_and_attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext
+    ) -> torch.Tensor:
+        """Store the new k, v [B, Hkv, T, D] of `layer`, then attend q [B, Hq, T, D] over the
+        row's visible slots. Every cache kind implements this one method."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        write_kv(k_cache, v_cache, k, v, step.batch_index, step.slots)
+        return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
 
     def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slots src -> dst (same row) in every layer: compacts an accepted tree path."""

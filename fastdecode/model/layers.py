@@ -13,8 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastdecode.kv.attention import cache_attention
-from fastdecode.kv.cache import write_kv
+from fastdecode.kv.step import StepContext
 from fastdecode.model.rope import apply_rope
 
 
@@ -85,22 +84,17 @@ def decoder_layer(
     fns: LayerFunctions,
     x: torch.Tensor,
     w: LayerWeights,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    mask: torch.Tensor | None,
-    batch_index: torch.Tensor,
-    slots: torch.Tensor,
-    lengths: torch.Tensor | None = None,
+    cache,
+    layer: int,
+    step: StepContext,
 ) -> torch.Tensor:
-    """One pre-norm block: x [B, T, hidden] -> x [B, T, hidden]; writes K/V at `slots`.
+    """One pre-norm block: x [B, T, hidden] -> x [B, T, hidden].
 
-    The cache write and the attention stay outside the dense halves: they are the part a
-    KV policy or a custom kernel replaces. `mask` is already folded for GQA; `lengths`
-    replaces it for single-token decode through the Triton kernel.
+    Storing K/V and attending stay outside the dense halves and belong to the cache
+    (`store_and_attend`): that is the part a KV policy or a custom kernel replaces.
     """
     q, k, v = fns.attention_input(x, w, cos, sin)
-    write_kv(k_cache, v_cache, k, v, batch_index, slots)
-    attn = cache_attention(q, k_cache, v_cache, mask, lengths)
+    attn = cache.store_and_attend(layer, q, k, v, step)
     return fns.attention_output_and_mlp(x, attn, w)

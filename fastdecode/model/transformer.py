@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastdecode.kv.attention import decode_kernel_available, fold_mask_for_gqa, visible_mask
 from fastdecode.kv.cache import KVCache
+from fastdecode.kv.step import StepContext
 from fastdecode.model.config import ModelConfig
 from fastdecode.model.fused_decode import FusedDecodeStep, fused_decode_supported
 from fastdecode.model.layers import (
@@ -79,7 +80,7 @@ class Transformer:
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V] (float32)."""
-        if self.fused_decode is not None:
+        if self.fused_decode is not None and isinstance(cache, KVCache):
             return self.fused_decode(tokens, positions, cache)
         return self.forward(tokens[:, None], positions[:, None], cache, decode=True)[:, 0]
 
@@ -114,19 +115,23 @@ class Transformer:
         mask: torch.Tensor | None = None,
         logit_index: torch.Tensor | None = None,
         decode: bool = False,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """Run tokens [B, T] at RoPE positions [B, T], writing K/V at `slots` (default: positions).
 
         mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification).
         logit_index [B] picks one position per row to project (prefill); default: all.
-        decode=True uses the compiled layer halves (fixed small shapes).
+        decode=True uses the compiled layer halves (fixed small shapes); prefill=True says
+        the rows start empty (a budgeted cache compresses the prompt as it stores it).
         Returns logits [B, T, V] (or [B, V] with logit_index), in float32.
         """
         batch, length = tokens.shape
         lengths = None
-        if decode and mask is None and slots is None and length == 1 and self.decode_kernel:
-            lengths = positions[:, 0] + 1  # the kernel reads slots 0..position
-        elif mask is None:
+        dense = isinstance(cache, KVCache)  # slot j of row b holds position j
+        if dense and decode and mask is None and slots is None and length == 1:
+            if self.decode_kernel:
+                lengths = positions[:, 0] + 1  # the kernel reads slots 0..position
+        if dense and mask is None and lengths is None:
             mask = visible_mask(positions, cache.capacity)
         slots = positions if slots is None else slots
         cos = self.cos[positions].unsqueeze(1)
@@ -134,22 +139,15 @@ class Transformer:
         batch_index = torch.arange(batch, device=tokens.device)[:, None].expand(batch, length)
         if mask is not None:
             mask = fold_mask_for_gqa(mask, self.config.num_heads // self.config.num_kv_heads)
+        prompt_lengths = None
+        if prefill:
+            full = torch.full((batch,), length, device=tokens.device)
+            prompt_lengths = full if logit_index is None else logit_index + 1
+        step = StepContext(positions, slots, batch_index, mask, lengths, prefill, prompt_lengths)
         x = F.embedding(tokens, self.embed)
         fns = self.decode_fns if decode else self.layer_fns
         for i, weights in enumerate(self.layers):
-            x = decoder_layer(
-                fns,
-                x,
-                weights,
-                cache.k[i],
-                cache.v[i],
-                cos,
-                sin,
-                mask,
-                batch_index,
-                slots,
-                lengths,
-            )
+            x = decoder_layer(fns, x, weights, cos, sin, cache, i, step)
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)

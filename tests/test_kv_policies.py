@@ -1,0 +1,113 @@
+"""Budgeted KV caches: exact with a full budget, real memory savings, per-head selection,
+the policies' own rules, and clear errors."""
+
+import pytest
+import torch
+
+from fastdecode import LLM, SamplingParams
+from fastdecode.engine.runner import ModelRunner
+from fastdecode.kv.policies import POLICIES, KVPolicyConfig, budget_tokens
+
+PROMPTS = [list(range(3, 3 + n)) for n in (37, 60, 45)]  # tiny vocab: ids 3..100 are words
+
+
+def with_policy(llm: LLM, policy: KVPolicyConfig | None) -> LLM:
+    """The same loaded model behind another runner (no second load)."""
+    clone = LLM.__new__(LLM)
+    clone.__dict__.update(llm.__dict__)
+    clone.runner = ModelRunner(llm.model, kv_policy=policy)
+    return clone
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_full_budget_reproduces_full_attention(tiny_llm, name):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = tiny_llm.generate(PROMPTS, params)
+    out = with_policy(tiny_llm, KVPolicyConfig(name, 1.0)).generate(PROMPTS, params)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_full_budget_logits_match_dense(tiny_llm, name):
+    """Prefill + decode logits through the budgeted cache equal the dense cache's."""
+    model = tiny_llm.model
+    dense = ModelRunner(model)
+    sparse = ModelRunner(model, kv_policy=KVPolicyConfig(name, 1.0))
+    for runner in (dense, sparse):
+        runner.allocate(len(PROMPTS), 64, prompt_len=60)
+    ref, out = dense.prefill(PROMPTS), sparse.prefill(PROMPTS)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    tokens = ref.argmax(-1)
+    positions = torch.tensor([len(p) for p in PROMPTS])
+    for _ in range(3):
+        ref, out = dense.decode(tokens, positions), sparse.decode(tokens, positions)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        tokens, positions = ref.argmax(-1), positions + 1
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_small_budget_allocates_less(tiny_llm, name):
+    llm = with_policy(tiny_llm, KVPolicyConfig(name, 1 / 8))
+    prompt = list(range(3, 100)) * 2  # 194 tokens
+    llm.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    dense_bytes = sum(t.numel() * t.element_size() for t in llm.model.new_cache(1, 200).k) * 2
+    cache = llm.runner.cache
+    assert cache.nbytes() * 6 <= dense_bytes or name == "snapkv"  # snapkv keeps new tokens too
+    assert cache.nbytes() * 4 <= dense_bytes
+
+
+def test_streaming_keeps_sinks_and_recent_window(tiny_llm):
+    llm = with_policy(tiny_llm, KVPolicyConfig("streaming", 24, {"sinks": 4}))
+    prompt = list(range(3, 63))  # 60 tokens
+    llm.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))
+    last = len(prompt) + 10 - 2  # the final token is never fed back
+    for pos in llm.runner.cache.pos:
+        kept = sorted(pos[0, 0].tolist())
+        assert kept == list(range(4)) + list(range(last - 19, last + 1))
+
+
+def test_snapkv_selects_per_head(tiny_llm):
+    """KV heads of a layer may keep different positions (selected per KV head, not shared)."""
+    llm = with_policy(tiny_llm, KVPolicyConfig("snapkv", 16, {"window": 4}))
+    prompt = [5, 9, 13, 7, 21, 40, 3, 8] * 8
+    llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    pos = llm.runner.cache.pos
+    assert any(not torch.equal(p[0, 0], p[0, 1]) for p in pos)
+    for p in pos:  # the observation window is always kept
+        for head in p[0]:
+            assert set(range(len(prompt) - 4, len(prompt))) <= set(head.tolist())
+
+
+def test_h2o_accumulates_attention_and_keeps_recent(tiny_llm):
+    llm = with_policy(tiny_llm, KVPolicyConfig("h2o", 20, {"recent": 8}))
+    llm.generate(list(range(3, 53)), SamplingParams(max_tokens=8, ignore_eos=True))
+    cache = llm.runner.cache
+    newest = 50 + 8 - 2
+    for pos, score in zip(cache.pos, cache.score, strict=True):
+        assert set(range(newest - 7, newest + 1)) <= set(pos[0, 0].tolist())
+        assert (score >= 0).all() and score.sum() > 0
+
+
+def test_bad_budgets_and_names():
+    with pytest.raises(ValueError, match="unknown KV policy 'nope'.*streaming"):
+        KVPolicyConfig("nope", 0.5)
+    with pytest.raises(ValueError, match="positive"):
+        KVPolicyConfig("snapkv", 0)
+    with pytest.raises(ValueError, match="larger than the context"):
+        budget_tokens(500, 300)
+    assert budget_tokens(1 / 8, 100) == 13
+
+
+def test_budget_larger_than_request_context_is_a_clear_error(tiny_llm):
+    llm = with_policy(tiny_llm, KVPolicyConfig("streaming", 200))
+    with pytest.raises(ValueError, match="larger than the context"):
+        llm.generate([3, 4, 5], SamplingParams(max_tokens=4))
+
+
+@pytest.mark.slow
+def test_smollm2_full_budget_snapkv_matches_dense(smollm2_llm):
+    text = "The history of the printing press begins in the fifteenth century. " * 12
+    params = SamplingParams(max_tokens=12)
+    ref = smollm2_llm.generate(text, params)[0]
+    out = with_policy(smollm2_llm, KVPolicyConfig("snapkv", 1.0)).generate(text, params)[0]
+    assert out.token_ids == ref.token_ids
