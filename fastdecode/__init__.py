@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "GenerationResult"]
+__all__ = ["LLM", "SamplingParams", "GenerationResult", "SpeculativeConfig", "KVPolicyConfig"]
 
 
 def __getattr__(name: str):
@@ -11,5 +11,9 @@ def __getattr__(name: str):
     if name in __all__:
         from fastdecode import api
 
+        if name == "KVPolicyConfig":
+            from fastdecode.kv.policies import KVPolicyConfig
+
+            return KVPolicyConfig
         return getattr(api, name)
     raise AttributeError(f"module 'fastdecode' has no attribute {name!r}")
