@@ -12,6 +12,7 @@ import torch
 
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.policies import KVPolicyConfig
+from fastdecode.kv.selective import SelectiveKVCache
 from fastdecode.kv.sparse import SparseKVCache
 from fastdecode.model.transformer import Transformer
 
@@ -79,6 +80,13 @@ class ModelRunner:
         self.cache = None
         self._graphs.clear()
         self._pool = None
+        if policy.storage == "select":  # keeps every entry (dense capacity), reads a subset
+            capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), cfg.max_position)
+            self.cache = SelectiveKVCache(
+                policy, cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
+                self.model.dtype, self.device,
+            )  # fmt: skip
+            return self.cache
         self.cache = SparseKVCache(
             policy, capacities, batch, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
         )

@@ -15,6 +15,10 @@ from fastdecode.kv.step import StepContext
 
 
 class KVCache:
+    # A decode step reads every slot 0..position, so the fused decode kernel (RoPE + store +
+    # attention in one launch) may stand in for `store_and_attend`.
+    dense_reads = True
+
     def __init__(
         self,
         num_layers: int,

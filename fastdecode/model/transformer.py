@@ -80,7 +80,7 @@ class Transformer:
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V] (float32)."""
-        if self.fused_decode is not None and isinstance(cache, KVCache):
+        if self.fused_decode is not None and getattr(cache, "dense_reads", False):
             return self.fused_decode(tokens, positions, cache)
         return self.forward(tokens[:, None], positions[:, None], cache, decode=True)[:, 0]
 

@@ -9,13 +9,18 @@ from typing import Any
 
 from fastdecode.kv.policies.base import KVPolicy
 from fastdecode.kv.policies.h2o import H2OPolicy
+from fastdecode.kv.policies.quest import QuestPolicy
 from fastdecode.kv.policies.snapkv import SnapKVPolicy
 from fastdecode.kv.policies.streaming import StreamingPolicy
+from fastdecode.kv.policies.tidal import TidalPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "streaming": StreamingPolicy,
     "snapkv": SnapKVPolicy,
     "h2o": H2OPolicy,
+    # sparse retrieval (storage = "select"): keep everything, read a subset per step
+    "quest": QuestPolicy,
+    "tidal": TidalPolicy,
 }
 
 

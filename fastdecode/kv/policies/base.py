@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from fastdecode.kv.selective import SelectiveKVCache
     from fastdecode.kv.sparse import SparseKVCache
 
 
@@ -20,6 +21,9 @@ class KVPolicy:
 
     name = "base"
     needs_attention = False  # True: `observe` receives each decode step's attention weights
+    # "evict": the cache keeps only `capacity` entries (SparseKVCache); "select": the cache
+    # keeps everything and each decode step reads a subset (SelectiveKVCache, ReadPolicy)
+    storage = "evict"
 
     def __init__(self, budget: int) -> None:
         if budget < 1:
@@ -49,3 +53,49 @@ class KVPolicy:
 
     def observe(self, layer: int, cache: SparseKVCache, weights: torch.Tensor) -> None:
         """weights [B, Hkv, C]: attention each slot received this step (needs_attention)."""
+
+
+class ReadPolicy(KVPolicy):
+    """A sparse *retrieval* policy: every position stays stored (a dense-capacity
+    SelectiveKVCache), and each single-token decode step of a layer reads only the slots
+    `select` names, at most `read_size` per (row, KV head). Prefill and multi-token steps
+    read everything. A policy only scores; the cache stores and attends."""
+
+    storage = "select"
+
+    def setup(self, cache: SelectiveKVCache) -> None:
+        """Allocate per-cache state (in `cache.state`, so it lives and dies with the cache)."""
+
+    def read_size(self, capacity: int) -> int:
+        """K, the slots a sparse layer reads per (row, KV head): fixed per cache, so the
+        decode step keeps static shapes (CUDA-graph friendly)."""
+        return min(self.budget, capacity)
+
+    def on_store(self, layer: int, cache: SelectiveKVCache, k: torch.Tensor, step) -> None:
+        """Called after new keys k [B, Hkv, T, D] are written at `step.slots`."""
+
+    def on_move(self, layer: int, cache: SelectiveKVCache, batch_index, src, dst) -> None:
+        """Called after `cache.move` copied slots src -> dst of rows batch_index."""
+
+    def select(
+        self, layer: int, cache: SelectiveKVCache, q: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Slots [B, Hkv, K] that layer `layer` reads for the decode queries q [B, Hq, 1, D]
+        (-1: padding, not read), given the visible slots [B, S] (bool). None: full attention."""
+        return None
+
+    def wants_scores(self, layer: int, cache: SelectiveKVCache) -> bool:
+        """True: this layer attends fully and `observe_weights` receives its attention."""
+        return False
+
+    def observe_weights(self, layer, cache, weights: torch.Tensor, visible: torch.Tensor) -> None:
+        """weights [B, Hkv, G, S]: this step's attention of each query head over the slots."""
+
+
+def top_slots(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best visible slots [B, Hkv, k] by scores [B, Hkv, S] (higher first); a row with
+    fewer than k visible slots gets all of them and -1 for the rest."""
+    visible = visible[:, None, :].expand_as(scores)
+    scores = scores.float().masked_fill(~visible, float("-inf"))
+    idx = scores.topk(k, dim=-1).indices
+    return torch.where(visible.gather(-1, idx), idx, -1)
