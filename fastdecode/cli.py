@@ -429,6 +429,26 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -------------------------------------------------------------------------------------
+def _args_bench(p: argparse.ArgumentParser) -> None:
+    from fastdecode.bench import add_subcommands
+
+    add_subcommands(p, _HelpFormatter)
+
+
+@command(
+    "bench",
+    _args_bench,
+    help="benchmarks that write JSON + Markdown reports (longcontext)",
+    description="Run a benchmark and write its report (JSON rows with the command, commit "
+    "and versions in `meta`, a Markdown table, plots). Run `fastdecode bench BENCHMARK "
+    "--help` for a benchmark's options.",
+    epilog="examples:\n  fastdecode bench longcontext --lengths 1024 2048 --budgets 1/4 1/8",
+)
+def run_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
