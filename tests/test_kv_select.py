@@ -292,3 +292,20 @@ def test_selective_cache_through_the_kernel(llm4, monkeypatch):
     _decode_steps(llm4, policy, 2, out)
     for a, b in zip(ref, out, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs + the compiled kernel: GPU only")
+def test_cuda_graph_decode_full_budget_matches_dense(tmp_path):
+    """On the GPU the decode step (gathered kernel, selection, page bounds) is captured as a
+    CUDA graph; with a full budget its greedy tokens equal the dense cache's."""
+    directory = tmp_path / "llama4"
+    save_tiny_model("llama", directory, seed=3, num_hidden_layers=4)
+    llm = LLM(directory, device="cuda", dtype="float32", progress=False)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    ref = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    for name in SELECT:
+        for budget in (1.0, 32):
+            clone = with_policy(llm, KVPolicyConfig(name, budget, SPARSE[name]))
+            out = [o.token_ids for o in clone.generate(PROMPTS, params)]
+            assert clone.runner._graphs, "the decode step was not captured"
+            assert budget != 1.0 or out == ref

@@ -81,19 +81,17 @@ class SelectiveKVCache(KVCache):
         if indices is not None:
             return gathered.gathered_attention(q, k_cache, v_cache, indices)
         if self.policy.wants_scores(layer, self):
-            return self._attend_and_observe(layer, q, visible)
+            self._observe(layer, q, visible)
         return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
 
-    def _attend_and_observe(self, layer: int, q: torch.Tensor, visible: torch.Tensor):
-        """Full attention that also hands the weights [B, Hkv, G, S] to the policy."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        batch, num_heads, _, head_dim = q.shape
-        qg = group_queries(q, k_cache.shape[1]).float()
-        logits = qg @ k_cache.float().transpose(-1, -2) * head_dim**-0.5
+    def _observe(self, layer: int, q: torch.Tensor, visible: torch.Tensor) -> None:
+        """Hand this layer's attention weights [B, Hkv, G, S] to the policy (the output
+        itself comes from the dense path). Logits in the cache dtype: they only rank."""
+        head_dim = q.shape[-1]
+        logits = group_queries(q, self.k[layer].shape[1]) @ self.k[layer].transpose(-1, -2)
+        logits = logits.float() * head_dim**-0.5
         weights = logits.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
         self.policy.observe_weights(layer, self, weights, visible)
-        out = (weights @ v_cache.float()).to(q.dtype)
-        return out.reshape(batch, num_heads, 1, head_dim)
 
     def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         super().move(batch_index, src, dst)
