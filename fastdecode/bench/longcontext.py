@@ -25,7 +25,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -475,8 +475,10 @@ def evaluate(
     model_name: str,
     batch_size: int = 16,
     progress: bool = True,
+    on_method_done: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Run every method on every workload; rows in the report format."""
+    """Run every method on every workload; rows in the report format. `on_method_done`
+    gets the rows so far each time a method has run all its cases (partial reports)."""
     from tqdm import tqdm
 
     from fastdecode.bench.haystack import score_passkey
@@ -488,7 +490,7 @@ def evaluate(
     ]
     rows: list[dict] = []
     bar = tqdm(steps, desc="longcontext", unit="case", disable=not progress, file=sys.stderr)
-    for method, task, length in bar:
+    for i, (method, task, length) in enumerate(bar):
         bar.set_postfix_str(f"{method.name} {task} L={length}")
         base = {
             "model": model_name,
@@ -575,6 +577,9 @@ def evaluate(
                         },
                     }
                 )
+        last_of_method = i + 1 == len(steps) or steps[i + 1][0] != method
+        if on_method_done is not None and last_of_method:
+            on_method_done(rows)
     bar.close()
     return rows
 
@@ -657,6 +662,39 @@ def run(args: argparse.Namespace) -> int:
         f"{len(cfg.lengths)} lengths x {len(cfg.tasks)} workloads = {n_cases} cases"
     )
     start = time.perf_counter()
+
+    def make_meta(complete: bool) -> dict:
+        return report.meta(
+            command=_command_line(getattr(args, "argv", None)),
+            device=llm.device,
+            extra={
+                "model": model_name,
+                "model_context": context,
+                "dtype": str(llm.dtype).removeprefix("torch."),
+                "filler": str(directory)
+                if args.filler_dir
+                else f"{haystack.ESSAYS_PACKAGE} ({haystack.ESSAYS_MEMBER_DIR}*.txt)",
+                "chat_template": bool(cfg.chat_template and llm.tokenizer.chat_template),
+                "seed": cfg.seed,
+                "lengths": cfg.lengths,
+                "depths": cfg.depths,
+                "needles_per_cell": cfg.needles,
+                "needle_tokens": cfg.needle_tokens,
+                "agreement_tokens": cfg.agreement_tokens,
+                "ppl_tokens": cfg.ppl_tokens,
+                "policies": policies,
+                "budgets": [budget_label(b) for b in budgets],
+                "wall_s": round(time.perf_counter() - start, 1),
+                "complete": complete,
+                "note": args.note,
+            },
+        )
+
+    def save_partial(rows_so_far: list[dict]) -> None:  # an interrupted run keeps its rows
+        report.write(
+            {"meta": make_meta(False), "rows": rows_so_far}, args.out, args.name, plots=False
+        )
+
     rows = evaluate(
         llm,
         work,
@@ -665,33 +703,12 @@ def run(args: argparse.Namespace) -> int:
         model_name=model_name,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        on_method_done=save_partial,
     )
     wall = time.perf_counter() - start
-    meta = report.meta(
-        command=_command_line(getattr(args, "argv", None)),
-        device=llm.device,
-        extra={
-            "model": model_name,
-            "model_context": context,
-            "dtype": str(llm.dtype).removeprefix("torch."),
-            "filler": str(directory)
-            if args.filler_dir
-            else f"{haystack.ESSAYS_PACKAGE} ({haystack.ESSAYS_MEMBER_DIR}*.txt)",
-            "chat_template": bool(cfg.chat_template and llm.tokenizer.chat_template),
-            "seed": cfg.seed,
-            "lengths": cfg.lengths,
-            "depths": cfg.depths,
-            "needles_per_cell": cfg.needles,
-            "needle_tokens": cfg.needle_tokens,
-            "agreement_tokens": cfg.agreement_tokens,
-            "ppl_tokens": cfg.ppl_tokens,
-            "policies": policies,
-            "budgets": [budget_label(b) for b in budgets],
-            "wall_s": round(wall, 1),
-            "note": args.note,
-        },
+    paths = report.write(
+        {"meta": make_meta(True), "rows": rows}, args.out, args.name, plots=not args.no_plots
     )
-    paths = report.write({"meta": meta, "rows": rows}, args.out, args.name, plots=not args.no_plots)
     for path in paths:
         print(path)
     notice(f"fastdecode: {n_cases} cases in {wall:.0f} s")
