@@ -199,8 +199,10 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
         "--spec",
         default=None,
         metavar="METHOD",
-        help="decode speculatively with this drafter (ngram: prompt lookup); the output is "
-        "the same as without it, only faster when drafts are accepted (default: off)",
+        help="decode speculatively with this drafter (ngram: prompt lookup; suffix: "
+        "SuffixDecoding trees; stand: STAND stochastic n-grams; an unknown name lists the "
+        "registry); the output is the same as without it, only faster when drafts are "
+        "accepted (default: off)",
     )
     sd.add_argument(
         "--num-draft-tokens",
@@ -286,7 +288,8 @@ def _speculative_config(args: argparse.Namespace):
     '  fastdecode generate -n 64 -t 0.7 --top-p 0.9 --seed 1 "Write a haiku about GPUs."\n'
     '  echo "Q: What is 2+2? A:" | fastdecode generate --no-chat-template --stop Q: -\n'
     '  fastdecode generate --model ./model.gguf --device cuda --dtype bfloat16 "Hi"\n'
-    '  fastdecode generate --spec ngram --num-draft-tokens 4 "Repeat: a, b, c, a, b, c"',
+    '  fastdecode generate --spec ngram --num-draft-tokens 4 "Repeat: a, b, c, a, b, c"\n'
+    '  fastdecode generate --spec suffix -t 0 "Repeat: a, b, c, a, b, c"',
 )
 def run_generate(args: argparse.Namespace) -> int:
     from fastdecode.params import SamplingParams  # no torch: check before loading a model

@@ -13,6 +13,11 @@ The target's own token (bonus or correction) becomes the next step's column 0.
 Stop conditions go through RequestState as in engine/generate.py; a row may finish in the
 middle of an accepted run, and the tokens after the stop are dropped. Finished rows ride
 along with no drafts and do not advance.
+
+Optional drafter hooks (fastdecode.spec.drafters.base): `configure(params)` once per request;
+and for drafters with `wants_target_probs` (STAND), `observe(context, tokens, probs)` with the
+target's distributions at the emitted positions (after the prefill and after every verify
+step), computed only for those rows.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from fastdecode.engine.sampling import make_generator, select_tokens
 from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters import Drafter
 from fastdecode.spec.tree import DraftTree, pad_trees
-from fastdecode.spec.verify import verify_batch
+from fastdecode.spec.verify import target_probs, verify_batch
 
 
 @dataclass
@@ -101,15 +106,22 @@ def run_speculative(
     cache = runner.allocate(batch, max(len(p) for p in prompts) + max_new + num_draft_tokens + 1)
     generators = [make_generator(p, device) for p in params]
     timing.rows = [SpecStats() for _ in prompts]
-    for drafter in drafters:
+    for drafter, p in zip(drafters, params, strict=True):
         drafter.reset()
+        if hasattr(drafter, "configure"):
+            drafter.configure(p)
+    # rows whose drafter observes the target's distributions (STAND)
+    observing = [getattr(d, "wants_target_probs", False) for d in drafters]
 
     start = time.perf_counter()
-    first = select_tokens(runner.prefill(prompts), params, generators).tolist()
+    prefill_logits = runner.prefill(prompts)
+    first = select_tokens(prefill_logits, params, generators).tolist()
     timing.prefill_s = time.perf_counter() - start
     lengths = [len(p) for p in prompts]
     last = list(first)
-    for state, token, drafter in zip(states, first, drafters, strict=True):
+    for b, (state, token, drafter) in enumerate(zip(states, first, drafters, strict=True)):
+        if observing[b]:
+            drafter.observe(prompts[b], [token], target_probs(prefill_logits[b : b + 1], params[b]))
         state.add(token)
         drafter.update([token])
     timing.steps = 1
@@ -144,7 +156,7 @@ def run_speculative(
             logits = model.forward(tokens, positions, cache, slots=slots, mask=mask)
         else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
             logits = runner.decode(torch.tensor(last, device=device), lengths_t)[:, None]
-        verdicts = verify_batch(trees, logits, params, generators)
+        verdicts = verify_batch(trees, logits, params, generators, observing)
 
         # -- compact: accepted nodes' K/V to consecutive slots after the prefix -----------
         rows, src, dst = [], [], []
@@ -168,6 +180,8 @@ def run_speculative(
         for b, (state, verdict, tree) in enumerate(zip(states, verdicts, trees, strict=True)):
             if state.finished:
                 continue
+            if observing[b]:
+                drafters[b].observe(prompts[b] + state.token_ids, verdict.tokens, verdict.probs)
             emitted = 0
             for token in verdict.tokens:
                 if state.finished:

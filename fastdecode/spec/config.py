@@ -23,6 +23,10 @@ class SpeculativeConfig:
     decode step). max_ngram / min_ngram: n-gram lengths for prompt lookup. `drafter_kwargs`
     go to the drafter's constructor as they are.
 
+    State shared across requests (SuffixDecoding's global tree: a drafter class's
+    `shared_state`) belongs to the config object: every drafter it makes gets the same one,
+    so reuse one config (or set it on the LLM) to share it across `generate` calls.
+
     `SpeculativeConfig.from_any` also takes vLLM's dict, e.g. {"method": "ngram",
     "num_speculative_tokens": 4, "prompt_lookup_max": 4}.
     """
@@ -32,6 +36,7 @@ class SpeculativeConfig:
     max_ngram: int = 4
     min_ngram: int = 1
     drafter_kwargs: dict[str, Any] = field(default_factory=dict)
+    _shared: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method not in DRAFTERS:
@@ -51,7 +56,13 @@ class SpeculativeConfig:
         return kwargs
 
     def new_drafter(self) -> Drafter:
-        return make_drafter(self.method, **self._kwargs())
+        kwargs = self._kwargs()
+        make_shared = getattr(DRAFTERS[self.method], "shared_state", None)
+        if make_shared is not None:
+            if self._shared is None:
+                self._shared = make_shared(**kwargs)
+            kwargs = {**self._shared, **kwargs}  # explicit drafter_kwargs win
+        return make_drafter(self.method, **kwargs)
 
     @classmethod
     def from_any(cls, spec: SpeculativeConfig | Mapping[str, Any] | str) -> SpeculativeConfig:
@@ -65,7 +76,7 @@ class SpeculativeConfig:
                 f"speculative_config must be a SpeculativeConfig, a dict or a method name, "
                 f"got {type(spec).__name__}"
             )
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls) if f.init}
         kwargs: dict[str, Any] = {}
         for key, value in spec.items():
             key = _ALIASES.get(key, key)

@@ -36,10 +36,19 @@ from fastdecode.spec.tree import DraftTree
 @dataclass
 class Verdict:
     """The accepted path (node indices, root to leaf) and the tokens to emit: the accepted
-    nodes' tokens followed by one token from the target (bonus or correction)."""
+    nodes' tokens followed by one token from the target (bonus or correction). probs
+    [len(tokens), V], only where `verify_batch(want_probs=...)` asked for it: the target's
+    distribution (`target_probs`) that each emitted token was drawn from."""
 
     accepted: list[int]
     tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The target's next-token distributions [..., V] as handed to drafters that observe them
+    (STAND): filtered as the verifier samples, or plain softmax for greedy requests."""
+    return logits.float().softmax(-1) if params.greedy else filtered_probs(logits, params)
 
 
 def verify_greedy(tree: DraftTree, argmax: Sequence[int]) -> Verdict:
@@ -95,17 +104,23 @@ def verify_batch(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    want_probs: Sequence[bool] | None = None,
 ) -> list[Verdict]:
     """logits [B, T, V] of one verify step (column 0: root, column i + 1: node i; columns
-    past a row's tree are padding) -> one Verdict per row."""
+    past a row's tree are padding) -> one Verdict per row. Rows with want_probs[b] also get
+    the target's distributions at their emitted positions (Verdict.probs)."""
     greedy_rows = [b for b, p in enumerate(params) if p.greedy]
     argmax = logits[greedy_rows].argmax(-1).tolist() if greedy_rows else []
     by_row = dict(zip(greedy_rows, argmax, strict=True))
     verdicts = []
     for b, (tree, p, gen) in enumerate(zip(trees, params, generators, strict=True)):
         if p.greedy:
-            verdicts.append(verify_greedy(tree, by_row[b]))
+            verdict = verify_greedy(tree, by_row[b])
         else:
             probs = filtered_probs(logits[b, : 1 + len(tree)], p)
-            verdicts.append(verify_sampling(tree, probs, gen))
+            verdict = verify_sampling(tree, probs, gen)
+        if want_probs is not None and want_probs[b]:
+            columns = [0] + [node + 1 for node in verdict.accepted]  # emitted positions
+            verdict.probs = target_probs(logits[b, columns], p) if p.greedy else probs[columns]
+        verdicts.append(verdict)
     return verdicts
