@@ -149,11 +149,6 @@ class StandDrafter:
                 return {t: v / total for t, v in row.items()}
         return None
 
-    def _dense(self, dist: dict[int, float]) -> torch.Tensor:
-        q = torch.zeros(self.vocab_size, dtype=torch.float64)
-        q[list(dist)] = torch.tensor(list(dist.values()), dtype=torch.float64)
-        return q / q.sum()
-
     # -- drafting -------------------------------------------------------------------------
     def propose(self, context: list[int], max_nodes: int) -> DraftTree:
         self._index(context)
@@ -187,8 +182,15 @@ class StandDrafter:
             push((path_tail + [token])[-self.max_ngram :], len(tokens) - 1, -neg)
         return DraftTree(tokens, parents)
 
-    def _draw(self, q: torch.Tensor) -> int:
-        return int(torch.multinomial(q, 1, generator=self.generator))
+    def _draw(self, dist: dict[int, float]) -> int:
+        """One token from a sparse distribution (inverse CDF, the drafter's generator)."""
+        u = torch.rand(1, generator=self.generator).item()
+        acc = 0.0
+        for token, p in dist.items():
+            acc += p
+            if u < acc:
+                return token
+        return token  # rounding: u >= the float sum of p
 
     def _sampled_tree(self, tail: list[int], max_nodes: int) -> DraftTree:
         dist = self.distribution(tail)
@@ -196,28 +198,29 @@ class StandDrafter:
             return DraftTree.empty()
         tokens: list[int] = []
         parents: list[int] = []
-        qs: list[torch.Tensor] = []
-        q = self._dense(dist)
+        dists: list[dict[int, float]] = []  # the (sparse) q each node was drawn from
         for _ in range(min(self.width, max_nodes)):  # root siblings, without replacement
-            token = self._draw(q)
+            token = self._draw(dist)
             tokens.append(token)
             parents.append(-1)
-            qs.append(q)
-            rest = q.clone()
-            rest[token] = 0.0
-            if rest.sum() <= 0:
+            dists.append(dist)
+            rest = {t: p for t, p in dist.items() if t != token}
+            total = sum(rest.values())
+            if total <= 0:
                 break
-            q = rest / rest.sum()
+            dist = {t: p / total for t, p in rest.items()}
         node, path = 0, (tail + [tokens[0]])[-self.max_ngram :]
         while len(tokens) < max_nodes:  # a chain below the first sibling
             dist = self.distribution(path)
             if not dist:
                 break
-            q = self._dense(dist)
-            token = self._draw(q)
+            token = self._draw(dist)
             tokens.append(token)
             parents.append(node)
-            qs.append(q)
+            dists.append(dist)
             node = len(tokens) - 1
             path = (path + [token])[-self.max_ngram :]
-        return DraftTree(tokens, parents, qs)
+        q = torch.zeros(len(tokens), self.vocab_size, dtype=torch.float64)
+        for row, d in zip(q, dists, strict=True):
+            row[list(d)] = torch.tensor(list(d.values()), dtype=torch.float64)
+        return DraftTree(tokens, parents, q)
