@@ -238,7 +238,7 @@ def plot_heatmaps(rows: list[dict], out: Path, name: str) -> list[Path]:
         fig.supxlabel("context length (tokens)", fontsize=8)
         axes[0][0].set_ylabel("needle depth", fontsize=8)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-        fig.suptitle(f"{rows[0]['model']}: needle accuracy, {policy}", fontsize=10)
+        fig.suptitle(f"{rows[0]['model']}: needle accuracy, {policy}", fontsize=10, y=1.06)
         path = out / f"{name}_heatmap_{policy}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
