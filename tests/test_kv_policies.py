@@ -111,3 +111,23 @@ def test_smollm2_full_budget_snapkv_matches_dense(smollm2_llm):
     ref = smollm2_llm.generate(text, params)[0]
     out = with_policy(smollm2_llm, KVPolicyConfig("snapkv", 1.0)).generate(text, params)[0]
     assert out.token_ids == ref.token_ids
+
+
+def test_snapkv_prefill_leaves_room_for_generated_tokens(tiny_llm):
+    """SnapKV keeps `budget` prompt positions and never evicts the sinks or the selection
+    to make room for the tokens it generates."""
+    llm = with_policy(tiny_llm, KVPolicyConfig("snapkv", 16, {"window": 4}))
+    prompt = [5, 9, 13, 7, 21, 40, 3, 8] * 8
+    runner = llm.runner
+    runner.allocate(1, len(prompt) + 6, prompt_len=len(prompt))
+    runner.prefill([prompt])
+    kept_after_prefill = [p[0].clone() for p in runner.cache.pos]
+    for p in kept_after_prefill:
+        assert ((p >= 0).sum(-1) == 16).all() and ((p < 0).sum(-1) == 6).all()
+    tokens, positions = torch.tensor([3]), torch.tensor([len(prompt)])
+    for _ in range(6):
+        runner.decode(tokens, positions)
+        positions += 1
+    for before, after in zip(kept_after_prefill, runner.cache.pos, strict=True):
+        for b_head, a_head in zip(before, after[0], strict=True):
+            assert set(b_head[b_head >= 0].tolist()) <= set(a_head.tolist())

@@ -27,6 +27,13 @@ def fold_mask_for_gqa(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask.expand(batch, group, length, capacity).reshape(batch, 1, group * length, capacity)
 
 
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Prefill of rows that start empty: causal attention among the prompt's own tokens
+    (right padding comes after every real token, so no real query sees it). Reads T keys,
+    not the cache's capacity, and needs no mask."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def decode_kernel_available(device: torch.device) -> bool:
     """The Triton decode kernel serves CUDA devices; elsewhere SDPA with a mask does."""
     if device.type != "cuda":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdecode.kv.attention import cache_attention
+from fastdecode.kv.attention import cache_attention, prompt_attention
 from fastdecode.kv.step import StepContext
 
 
@@ -45,6 +45,8 @@ class KVCache:
         row's visible slots. Every cache kind implements this one method."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         write_kv(k_cache, v_cache, k, v, step.batch_index, step.slots)
+        if step.prefill:
+            return prompt_attention(q, k, v)
         return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
 
     def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastdecode.kv import gathered
-from fastdecode.kv.attention import cache_attention
+from fastdecode.kv.attention import cache_attention, prompt_attention
 from fastdecode.kv.cache import KVCache, write_kv
 from fastdecode.kv.policies.base import ReadPolicy, top_slots  # noqa: F401 (re-export)
 from fastdecode.kv.step import StepContext
@@ -74,7 +74,9 @@ class SelectiveKVCache(KVCache):
         k_cache, v_cache = self.k[layer], self.v[layer]
         write_kv(k_cache, v_cache, k, v, step.batch_index, step.slots)
         self.policy.on_store(layer, self, k, step)
-        if step.prefill or q.shape[2] != 1:
+        if step.prefill:
+            return prompt_attention(q, k, v)
+        if q.shape[2] != 1:
             return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
         visible = visible_slots(step, self.capacity)
         indices = self.policy.select(layer, self, q, visible)

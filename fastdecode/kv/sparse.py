@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdecode.kv.attention import prompt_attention
 from fastdecode.kv.policies.base import KVPolicy
 from fastdecode.kv.step import StepContext
 
@@ -54,14 +55,14 @@ class SparseKVCache:
 
     # -- prefill: full causal attention among the prompt, then keep what the policy picks --
     def _prefill(self, layer, q, k, v, prompt_lengths) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = prompt_attention(q, k, v)
         raw = self.policy.prefill_scores(layer, q, k, prompt_lengths).float()
         length = k.shape[2]
         key_pos = torch.arange(length, device=k.device).expand_as(raw)
         real = key_pos < prompt_lengths[:, None, None]
         keep_always = self.policy.protected(key_pos, prompt_lengths - 1) & real
         scores = raw.masked_fill(keep_always, float("inf")).masked_fill(~real, float("-inf"))
-        keep = min(self.capacities[layer], length)
+        keep = min(self.policy.prompt_keep(layer, self.capacities[layer]), length)
         chosen = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # position order
         picked = real.gather(-1, chosen)
         gather = chosen[..., None].expand(-1, -1, -1, k.shape[-1])

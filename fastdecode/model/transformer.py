@@ -131,7 +131,7 @@ class Transformer:
         if dense and decode and mask is None and slots is None and length == 1:
             if self.decode_kernel:
                 lengths = positions[:, 0] + 1  # the kernel reads slots 0..position
-        if dense and mask is None and lengths is None:
+        if dense and mask is None and lengths is None and not prefill:
             mask = visible_mask(positions, cache.capacity)
         slots = positions if slots is None else slots
         cos = self.cos[positions].unsqueeze(1)

@@ -34,6 +34,11 @@ class KVPolicy:
         """Slots per (row, KV head) that layer `layer` is allocated."""
         return self.budget
 
+    def prompt_keep(self, layer: int, capacity: int) -> int:
+        """How many prompt positions prefill keeps (the rest of `capacity` stays free for
+        generated tokens). Default: fill the layer; new tokens then evict."""
+        return capacity
+
     def prefill_scores(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, prompt_lengths: torch.Tensor
     ) -> torch.Tensor:

@@ -41,6 +41,14 @@ class SnapKVPolicy(KVPolicy):
     def capacity(self, layer, prompt_len, max_new):
         return min(self.budget, prompt_len) + max_new  # generated tokens are never evicted
 
+    def prompt_keep(self, layer, capacity):
+        return self.budget  # the selected prompt positions; the rest is for new tokens
+
+    def eviction_scores(self, layer, cache):
+        # Only reached when decoding outruns max_tokens' room (teacher forcing): drop the
+        # prompt position with the fewest window votes (generated tokens have none).
+        return cache.score[layer]
+
     def prefill_scores(self, layer, q, k, prompt_lengths):
         votes = window_attention(q, k, prompt_lengths, self.window)
         if self.pool > 1:
