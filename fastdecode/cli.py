@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from fastdecode import __version__
+from fastdecode.cli_args import add_device_dtype
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # same as fastdecode.api.DEFAULT_MODEL (no torch here)
 EXIT_USER_ERROR = 2
@@ -181,19 +182,7 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
         "model's chat template as one user turn (the default)",
     )
     e = p.add_argument_group("engine")
-    e.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run; auto picks cuda when a GPU is visible (default: auto)",
-    )
-    e.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="weight and activation dtype; auto is bfloat16 on cuda, float32 on cpu "
-        "(default: auto)",
-    )
+    add_device_dtype(e)
     sd = p.add_argument_group("speculative decoding")
     sd.add_argument(
         "--spec",

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from fastdecode.cli_args import add_device_dtype
+
 TASKS = ("needle", "agreement", "ppl")
 DEFAULT_BUDGETS = ("1/4", "1/8", "1/16", "1/32")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -207,18 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "full attention always runs as the baseline",
     )
     e = p.add_argument_group("engine and output")
-    e.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to run; auto picks cuda when a GPU is visible (default: auto)",
-    )
-    e.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16"),
-        default="auto",
-        help="auto: bfloat16 on cuda, float32 on cpu (default: auto)",
-    )
+    add_device_dtype(e)
     e.add_argument(
         "--batch-size",
         type=_positive,
