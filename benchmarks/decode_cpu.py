@@ -257,28 +257,39 @@ def profile_decode(runner: ModelRunner, hf_model, prompts, steps: int = 10) -> d
     return {"ours": ours, "hf_forward": hf}
 
 
+def engine_provenance() -> dict:
+    """Which engine code this process imported, read at start-up (the tree may change while
+    a long run waits for an idle machine). FASTDECODE_COMMIT names the commit of a snapshot
+    (git archive) that has no .git; otherwise git is asked, with any uncommitted edits."""
+    import fastdecode
+
+    info = {"engine_path": str(Path(fastdecode.__file__).parent)}
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    info["commit"] = os.environ.get("FASTDECODE_COMMIT") or git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--", "fastdecode")
+    info["uncommitted_engine_files"] = None if status is None else status.splitlines()
+    return info
+
+
 def meta(args, bandwidth: float, threads: int, hf_attn: str) -> dict:
     import transformers
 
-    commit = os.environ.get("FASTDECODE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
     return {
         "gpu": f"CPU: {cpu_name()}, {threads} threads",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
-        "commit": commit,
+        "commit": args.provenance["commit"] or "unknown",
+        "engine": args.provenance,
         "measured_bandwidth_GBps": round(bandwidth / 1e9, 1),
         "hf_new_tokens": args.new_tokens,
         "dtype": "float32",
@@ -306,6 +317,7 @@ def bench(args) -> list[dict]:
             assert all(len(p) == length for p in prompts)
             tag = f"prompt {length} batch {batch}"
             idle = wait_until_idle(args.max_wait_idle)
+            args.bandwidths.append(measure_bandwidth())  # max over idle moments -> meta
             log(f"{tag}: warm-up (machine before: {idle})")
             run_ours(runner, tokenizer, prompts, 8, args.check_every)
             run_hf(hf_model, prompts, 8)
@@ -419,9 +431,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    args.provenance = engine_provenance()
+    log(f"engine: {args.provenance}")
     bandwidth = measure_bandwidth()
     log(f"{cpu_name()}, {threads} torch threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    args.bandwidths = [bandwidth]
     rows = bench(args)
+    bandwidth = max(args.bandwidths)
     write_report(
         {"meta": meta(args, bandwidth, threads, args.hf_attn), "rows": rows}, args.out, args.name
     )
