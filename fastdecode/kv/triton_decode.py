@@ -37,6 +37,21 @@ def _rope(x_ptr, offs_row, d, cos, sin, HEAD_DIM: tl.constexpr, mask):
 
 
 @triton.jit
+def online_softmax_block(q, k, v, valid, m, total, acc, scale):
+    """Fold one block of keys/values into the running (max, sum, weighted values) of the
+    query group q [G, D]; invalid columns count for nothing (also when all are invalid)."""
+    scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, total, acc
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qh,
@@ -90,16 +105,8 @@ def _split_kernel(
         n = start + i + tl.arange(0, BLOCK)
         valid = n < end
         k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        total = total * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
+        m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
     if NEW_TOKEN:
         if position < start + SPLIT:  # this split owns the new slot: store it, attend to it
             tl.store(k_base + position * stride_ks + d[None, :] + one[:, None] * 0,

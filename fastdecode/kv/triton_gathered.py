@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdecode.kv.triton_decode import BLOCK_N, _merge_kernel, split_size
+from fastdecode.kv.triton_decode import BLOCK_N, _merge_kernel, online_softmax_block, split_size
 
 
 @triton.jit
@@ -53,16 +53,8 @@ def _gathered_split_kernel(
         slot = tl.load(idx_base + n, mask=n < end, other=-1)
         valid = slot >= 0
         k = tl.load(k_base + slot[:, None] * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        total = total * alpha + tl.sum(p, 1)
         v = tl.load(v_base + slot[:, None] * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
+        m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
     # a slice of padding only (a short row) has total 0: weight 0 in the merge
     seen = total > 0
     out = acc / tl.where(seen, total, 1.0)[:, None]
