@@ -145,14 +145,29 @@ def _merge_kernel(
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
+def split_scratch(batch: int, num_heads: int, num_splits: int, head_dim: int, device):
+    """Per-slice partial outputs and log-sum-exps that `merge_splits` combines."""
+    rows = batch * num_heads * num_splits
+    return torch.empty(rows, head_dim, device=device), torch.empty(rows, device=device)
+
+
+def merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, dtype) -> torch.Tensor:
+    """Combine the slices of every (row, query head) by log-sum-exp: [B, Hq, 1, D]."""
+    out = torch.empty(batch, num_heads, 1, head_dim, device=partial.device, dtype=dtype)
+    _merge_kernel[(batch * num_heads,)](
+        partial, lse, out, num_splits,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
+    )  # fmt: skip
+    return out
+
+
 def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
     batch = lengths.shape[0]
     num_kv_heads, capacity, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = num_heads // num_kv_heads
     split = split_size(capacity)
     num_splits = triton.cdiv(capacity, split)
-    partial = torch.empty(batch * num_heads * num_splits, head_dim, device=q.device)
-    lse = torch.empty(batch * num_heads * num_splits, device=q.device)
+    partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, q.device)
     _split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, lengths, partial, lse, cos, sin,
         q.stride(0), q.stride(1) if not new_token else head_dim,
@@ -162,12 +177,7 @@ def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         SPLIT=split, BLOCK=BLOCK_N, NEW_TOKEN=new_token,
     )  # fmt: skip
-    out = torch.empty(batch, num_heads, 1, head_dim, device=q.device, dtype=k_cache.dtype)
-    _merge_kernel[(batch * num_heads,)](
-        partial, lse, out, num_splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
-    )  # fmt: skip
-    return out
+    return merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype)
 
 
 def decode_attention(

@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdecode.kv.triton_decode import BLOCK_N, _merge_kernel, online_softmax_block, split_size
+from fastdecode.kv.triton_decode import (
+    BLOCK_N,
+    merge_splits,
+    online_softmax_block,
+    split_scratch,
+    split_size,
+)
 
 
 @triton.jit
@@ -77,8 +83,7 @@ def gathered_decode_attention(
     group = num_heads // num_kv_heads
     split = split_size(num_selected)
     num_splits = triton.cdiv(num_selected, split)
-    partial = torch.empty(batch * num_heads * num_splits, head_dim, device=q.device)
-    lse = torch.empty(batch * num_heads * num_splits, device=q.device)
+    partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, q.device)
     _gathered_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, indices, partial, lse,
         q.stride(0), q.stride(1),
@@ -89,9 +94,4 @@ def gathered_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         SPLIT=split, BLOCK=BLOCK_N,
     )  # fmt: skip
-    out = torch.empty(batch, num_heads, 1, head_dim, device=q.device, dtype=k_cache.dtype)
-    _merge_kernel[(batch * num_heads,)](
-        partial, lse, out, num_splits,
-        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
-    )  # fmt: skip
-    return out
+    return merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype)
