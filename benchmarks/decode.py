@@ -84,10 +84,8 @@ def run_ours(runner: ModelRunner, tokenizer, prompts, new_tokens: int) -> tuple[
     return timing, [s.token_ids for s in states]
 
 
-def run_hf(hf_model, prompts, new_tokens: int) -> tuple[float, list]:
-    ids = torch.tensor(prompts, device="cuda")
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+def hf_greedy(hf_model, ids: torch.Tensor, new_tokens: int, logits_processor=None) -> list:
+    """HF `generate`, greedy, exactly `new_tokens` per row (EOS ignored): new token lists."""
     out = hf_model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -95,9 +93,18 @@ def run_hf(hf_model, prompts, new_tokens: int) -> tuple[float, list]:
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=0,
+        logits_processor=logits_processor,
     )
+    return out[:, ids.shape[1] :].tolist()
+
+
+def run_hf(hf_model, prompts, new_tokens: int) -> tuple[float, list]:
+    ids = torch.tensor(prompts, device="cuda")
     torch.cuda.synchronize()
-    return time.perf_counter() - start, out[:, ids.shape[1] :].tolist()
+    start = time.perf_counter()
+    tokens = hf_greedy(hf_model, ids, new_tokens)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decode import ROOT, log, make_prompts, write_report  # noqa: E402
+from decode import ROOT, hf_greedy, log, make_prompts, write_report  # noqa: E402
 
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
@@ -160,17 +160,8 @@ def run_hf(hf_model, prompts, new_tokens: int):
     ids = torch.tensor(prompts)
     clock = _StepClock()
     start = time.perf_counter()
-    out = hf_model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        pad_token_id=0,
-        logits_processor=LogitsProcessorList([clock]),
-    )
+    tokens = hf_greedy(hf_model, ids, new_tokens, LogitsProcessorList([clock]))
     wall = time.perf_counter() - start
-    tokens = out[:, ids.shape[1] :].tolist()
     assert all(len(t) == new_tokens for t in tokens), "HF stopped early"
     assert len(clock.times) == new_tokens, len(clock.times)
     ttft = clock.times[0] - start
