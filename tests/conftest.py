@@ -158,3 +158,34 @@ def smollm2_hf(smollm2_path):
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+def with_policy(llm, policy):
+    """The same loaded LLM behind another runner (a KV policy, or None for dense)."""
+    from fastdecode import LLM
+    from fastdecode.engine.runner import ModelRunner
+
+    clone = LLM.__new__(LLM)
+    clone.__dict__.update(llm.__dict__)
+    clone.runner = ModelRunner(llm.model, kv_policy=policy)
+    return clone
+
+
+def assert_prefill_and_decode_match_dense(model, policy, prompts, steps: int = 3):
+    """Prefill + `steps` decode steps through `policy`'s cache give the dense cache's
+    logits (float32, 1e-5); returns the policy's runner for further checks."""
+    from fastdecode.engine.runner import ModelRunner
+
+    dense, other = ModelRunner(model), ModelRunner(model, kv_policy=policy)
+    longest = max(len(p) for p in prompts)
+    for runner in (dense, other):
+        runner.allocate(len(prompts), longest + 4, prompt_len=longest)
+    ref, out = dense.prefill(prompts), other.prefill(prompts)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    tokens = ref.argmax(-1)
+    positions = torch.tensor([len(p) for p in prompts])
+    for _ in range(steps):
+        ref, out = dense.decode(tokens, positions), other.decode(tokens, positions)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        tokens, positions = ref.argmax(-1), positions + 1
+    return other

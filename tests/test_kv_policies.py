@@ -3,20 +3,12 @@ the policies' own rules, and clear errors."""
 
 import pytest
 import torch
+from conftest import assert_prefill_and_decode_match_dense, with_policy
 
-from fastdecode import LLM, SamplingParams
-from fastdecode.engine.runner import ModelRunner
+from fastdecode import SamplingParams
 from fastdecode.kv.policies import POLICIES, KVPolicyConfig, budget_tokens
 
 PROMPTS = [list(range(3, 3 + n)) for n in (37, 60, 45)]  # tiny vocab: ids 3..100 are words
-
-
-def with_policy(llm: LLM, policy: KVPolicyConfig | None) -> LLM:
-    """The same loaded model behind another runner (no second load)."""
-    clone = LLM.__new__(LLM)
-    clone.__dict__.update(llm.__dict__)
-    clone.runner = ModelRunner(llm.model, kv_policy=policy)
-    return clone
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -30,19 +22,7 @@ def test_full_budget_reproduces_full_attention(tiny_llm, name):
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_full_budget_logits_match_dense(tiny_llm, name):
     """Prefill + decode logits through the budgeted cache equal the dense cache's."""
-    model = tiny_llm.model
-    dense = ModelRunner(model)
-    sparse = ModelRunner(model, kv_policy=KVPolicyConfig(name, 1.0))
-    for runner in (dense, sparse):
-        runner.allocate(len(PROMPTS), 64, prompt_len=60)
-    ref, out = dense.prefill(PROMPTS), sparse.prefill(PROMPTS)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    tokens = ref.argmax(-1)
-    positions = torch.tensor([len(p) for p in PROMPTS])
-    for _ in range(3):
-        ref, out = dense.decode(tokens, positions), sparse.decode(tokens, positions)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        tokens, positions = ref.argmax(-1), positions + 1
+    assert_prefill_and_decode_match_dense(tiny_llm.model, KVPolicyConfig(name, 1.0), PROMPTS)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, p in POLICIES.items() if p.storage == "evict"))
