@@ -13,6 +13,7 @@ import torch
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.selective import SelectiveKVCache
+from fastdecode.kv.shadow import ShadowKVCache
 from fastdecode.kv.sparse import SparseKVCache
 from fastdecode.model.transformer import Transformer
 
@@ -86,6 +87,10 @@ class ModelRunner:
                 policy, cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim,
                 self.model.dtype, self.device,
             )  # fmt: skip
+            return self.cache
+        if policy.storage == "shadow":  # low-rank keys, values offloaded to the CPU (ShadowKV)
+            capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), cfg.max_position)
+            self.cache = ShadowKVCache.for_model(policy, self.model, batch, capacity)
             return self.cache
         self.cache = SparseKVCache(
             policy, capacities, batch, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device

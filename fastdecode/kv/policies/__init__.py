@@ -10,6 +10,7 @@ from typing import Any
 from fastdecode.kv.policies.base import KVPolicy
 from fastdecode.kv.policies.h2o import H2OPolicy
 from fastdecode.kv.policies.quest import QuestPolicy
+from fastdecode.kv.policies.shadowkv import ShadowKVPolicy
 from fastdecode.kv.policies.snapkv import SnapKVPolicy
 from fastdecode.kv.policies.streaming import StreamingPolicy
 from fastdecode.kv.policies.tidal import TidalPolicy
@@ -21,6 +22,8 @@ POLICIES: dict[str, type[KVPolicy]] = {
     # sparse retrieval (storage = "select"): keep everything, read a subset per step
     "quest": QuestPolicy,
     "tidal": TidalPolicy,
+    # low-rank keys + CPU values, sparse reconstruction (storage = "shadow"); LOSSY
+    "shadowkv": ShadowKVPolicy,
 }
 
 
