@@ -92,6 +92,9 @@ class ModelRunner:
             capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), cfg.max_position)
             self.cache = ShadowKVCache.for_model(policy, self.model, batch, capacity)
             return self.cache
+        if policy.storage == "quant":  # every position at 2/4 bits, lossy (KIVI + ZipCache)
+            self.cache = policy.new_cache(self.model, batch, prompt_len, max_new)
+            return self.cache
         self.cache = SparseKVCache(
             policy, capacities, batch, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
         )

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastdecode.kv.policies.base import KVPolicy
 from fastdecode.kv.policies.h2o import H2OPolicy
+from fastdecode.kv.policies.quant import QuantPolicy
 from fastdecode.kv.policies.quest import QuestPolicy
 from fastdecode.kv.policies.shadowkv import ShadowKVPolicy
 from fastdecode.kv.policies.snapkv import SnapKVPolicy
@@ -24,6 +25,8 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "tidal": TidalPolicy,
     # low-rank keys + CPU values, sparse reconstruction (storage = "shadow"); LOSSY
     "shadowkv": ShadowKVPolicy,
+    # packed 2/4-bit KV, recent window + salient tokens in fp (storage = "quant"); LOSSY
+    "quant": QuantPolicy,
 }
 
 
