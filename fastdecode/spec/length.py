@@ -1,0 +1,286 @@
+"""Per-request draft length control: how many draft nodes (K) each row proposes this step.
+
+- `FixedLength`: always K.
+- `FeedbackLength`: DiffuSpec's adaptive draft length (ADL): the next K follows recent
+  acceptance -- one more after a fully accepted draft, down toward the recent accepted
+  length + 1 after a rejection.
+- `GoodputLength`: SmartSpec's goodput rule: predict the step time t(B, 1 + K) from measured
+  timings (`StepCostModel`) and each row's expected accepted tokens from its acceptance
+  history, and pick the K maximizing tokens per second -- K = 0 (plain decoding) when the
+  batch is large enough that verification is no longer nearly free.
+
+The confidence early exit of SpecDec++ / Kangaroo acts inside one step, while drafting: see
+`fastdecode.spec.tree_growth.ChainGrower(threshold=...)`.
+
+The engine calls `plan(rows, stats, max_k)` once per step (stats[i]: row rows[i]'s
+SpecStats) and reports timings with `record_verify` / `record_plain`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from fastdecode.spec.step_cost import StepCostModel
+
+
+class RowStats(Protocol):
+    """What the policies read of `fastdecode.engine.speculative.SpecStats` (cumulative per
+    request): verify steps, and per draft depth the steps that proposed / accepted it."""
+
+    steps: int
+    proposed: list[int]
+    accepted: list[int]
+
+
+@runtime_checkable
+class DraftLengthPolicy(Protocol):
+    def plan(self, rows: Sequence[int], stats: Sequence[RowStats], max_k: int) -> dict[int, int]:
+        """row -> K in [0, max_k] for the active rows (stats[i] is rows[i]'s record)."""
+        ...
+
+    def record_verify(self, batch: int, width: int, seconds: float) -> None:
+        """One verify step's wall time: `batch` rows, `width` = T columns per row."""
+        ...
+
+    def record_plain(self, batch: int, seconds: float) -> None:
+        """One plain decode step's wall time."""
+        ...
+
+
+def _check_k(name: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_rows(rows: Sequence[int], stats: Sequence[RowStats], max_k: int) -> None:
+    _check_k("max_k", max_k)
+    if len(rows) != len(stats):
+        raise ValueError(f"{len(rows)} rows but {len(stats)} stats (stats[i] is rows[i]'s)")
+
+
+class _Timeless:
+    """Policies that ignore step timings."""
+
+    def record_verify(self, batch: int, width: int, seconds: float) -> None:
+        pass
+
+    def record_plain(self, batch: int, seconds: float) -> None:
+        pass
+
+
+class FixedLength(_Timeless):
+    """K draft nodes every step (capped by max_k)."""
+
+    def __init__(self, k: int = 4):
+        self.k = _check_k("k", k)
+
+    def plan(self, rows: Sequence[int], stats: Sequence[RowStats], max_k: int) -> dict[int, int]:
+        _check_rows(rows, stats, max_k)
+        return {row: min(self.k, max_k) for row in rows}
+
+
+class _Outcomes:
+    """Each row's outcome since the last look, read off its cumulative SpecStats: the draft
+    depth proposed (the sum of `proposed` grows by the tree's depth every step) and the depth
+    accepted. Several steps between looks come back as their mean."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[int, int, int]] = {}
+
+    def delta(self, row: int, stats: RowStats) -> tuple[int, list[int], list[int]]:
+        """(new steps, new proposals per depth, new acceptances per depth)."""
+        steps, proposed, accepted = stats.steps, list(stats.proposed), list(stats.accepted)
+        old_steps, old_p, old_a = self._seen.get(row, (0, [], []))
+        if steps < old_steps:  # a new request reuses the row
+            old_steps, old_p, old_a = 0, [], []
+        self._seen[row] = (steps, proposed, accepted)
+        pad = len(proposed) - len(old_p)
+        old_p, old_a = old_p + [0] * pad, old_a + [0] * pad
+        return (
+            steps - old_steps,
+            [n - o for n, o in zip(proposed, old_p, strict=True)],
+            [n - o for n, o in zip(accepted, old_a, strict=True)],
+        )
+
+    def forget(self, row: int) -> None:
+        self._seen.pop(row, None)
+
+
+class FeedbackLength(_Timeless):
+    """DiffuSpec's adaptive draft length: K_next = K + 1 after a step that accepted its whole
+    draft, else min(K, round(EMA of accepted length) + 1); clamped to [min_k, max_k]. A step
+    that proposed nothing leaves K unchanged.
+
+    Outcomes come from the rows' SpecStats at each `plan` (no extra wiring), or explicitly
+    through `record_row` (then the stats are not read for that row at the next plan)."""
+
+    def __init__(self, initial: int = 4, min_k: int = 1, smoothing: float = 0.5):
+        self.initial = _check_k("initial", initial)
+        self.min_k = _check_k("min_k", min_k, 1)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+        self.smoothing = smoothing  # weight of the past in the EMA
+        self.k: dict[int, int] = {}
+        self.ema: dict[int, float] = {}
+        self._outcomes = _Outcomes()
+        self._recorded: set[int] = set()
+
+    def record_row(self, row: int, proposed_depth: int, accepted_depth: int) -> None:
+        """One verify step's outcome for `row`: draft depth proposed, depth accepted."""
+        self._recorded.add(row)
+        self._update(row, float(proposed_depth), float(accepted_depth))
+
+    def _update(self, row: int, proposed: float, accepted: float) -> None:
+        if proposed <= 0:
+            return
+        k = self.k.get(row, self.initial)
+        past = self.ema.get(row)
+        ema = accepted if past is None else self.smoothing * past + (1 - self.smoothing) * accepted
+        self.ema[row] = ema
+        if accepted >= proposed:
+            k = max(k, math.ceil(proposed) + 1)
+        else:
+            k = min(k, math.floor(ema + 0.5) + 1)
+        self.k[row] = max(self.min_k, k)
+
+    def plan(self, rows: Sequence[int], stats: Sequence[RowStats], max_k: int) -> dict[int, int]:
+        _check_rows(rows, stats, max_k)
+        plan = {}
+        for row, st in zip(rows, stats, strict=True):
+            steps, proposed, accepted = self._outcomes.delta(row, st)
+            if steps > 0 and row not in self._recorded:
+                # the sum over depths of a step's proposals is its draft depth
+                self._update(row, sum(proposed) / steps, sum(accepted) / steps)
+            self.k[row] = min(self.k.get(row, self.initial), max(max_k, self.min_k))
+            plan[row] = min(self.k[row], max_k)
+        self._recorded.clear()
+        return plan
+
+    def reset_row(self, row: int) -> None:
+        """Forget a row (a new request takes it)."""
+        self.k.pop(row, None)
+        self.ema.pop(row, None)
+        self._outcomes.forget(row)
+
+
+class AcceptanceEstimate:
+    """Per-row acceptance rate alpha = P(the draft at depth k + 1 is accepted | depth k was),
+    one rate per row (a geometric model), from recent outcomes: counts decay by `decay` per
+    step and a Beta prior (`prior` with weight `prior_weight` trials) keeps new rows sane.
+
+    Per depth, the trials are the steps whose verification reached that depth: all proposals
+    at depth 1, and at depth k + 1 the proposals times the acceptance rate at depth k."""
+
+    def __init__(self, prior: float = 0.6, prior_weight: float = 4.0, decay: float = 0.95):
+        if not 0.0 <= prior <= 1.0:
+            raise ValueError(f"prior must be in [0, 1], got {prior!r}")
+        if prior_weight <= 0:
+            raise ValueError(f"prior_weight must be > 0, got {prior_weight!r}")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self._outcomes = _Outcomes()
+        self._counts: dict[int, tuple[float, float]] = {}  # row -> (accepted, trials)
+
+    def update(self, row: int, stats: RowStats) -> float:
+        steps, proposed, accepted = self._outcomes.delta(row, stats)
+        hits, trials = self._counts.get(row, (0.0, 0.0))
+        if steps > 0:
+            new_trials, reach = 0.0, 1.0
+            for p, a in zip(proposed, accepted, strict=True):
+                if p <= 0:
+                    break
+                new_trials += p * reach
+                reach = a / p
+            factor = self.decay**steps
+            hits, trials = hits * factor + sum(accepted), trials * factor + new_trials
+            self._counts[row] = (hits, trials)
+        return self.alpha(row)
+
+    def alpha(self, row: int) -> float:
+        hits, trials = self._counts.get(row, (0.0, 0.0))
+        return (hits + self.prior * self.prior_weight) / (trials + self.prior_weight)
+
+    def forget(self, row: int) -> None:
+        self._counts.pop(row, None)
+        self._outcomes.forget(row)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verify step emits with a K-token chain: 1 + sum_{k<=K} alpha^k."""
+    return 1.0 + sum(alpha**i for i in range(1, k + 1))
+
+
+class GoodputLength:
+    """SmartSpec: per step, the K maximizing goodput = sum over rows of E[tokens | K] divided by
+    the predicted step time t(B, 1 + K) (+ K draft levels when their cost is known); K = 0 when
+    plain decoding wins, or does not lose by more than `margin` (relative).
+
+    Rows are padded to one width, so the step time depends on the largest K only: one K for
+    all rows is optimal. B is len(rows) unless `plan(..., batch=B)` says otherwise (e.g. when
+    finished rows still ride along in the forward)."""
+
+    def __init__(
+        self,
+        cost: StepCostModel | None = None,
+        acceptance: AcceptanceEstimate | None = None,
+        margin: float = 0.0,
+    ):
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin!r}")
+        self.cost = StepCostModel() if cost is None else cost
+        self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
+        self.margin = margin
+        self.last_goodput: dict[int, float] = {}  # K -> predicted tokens / s at the last plan
+
+    def record_verify(self, batch: int, width: int, seconds: float) -> None:
+        self.cost.record(batch, width, seconds)
+
+    def record_plain(self, batch: int, seconds: float) -> None:
+        self.cost.record(batch, 1, seconds)
+
+    def record_draft(self, batch: int, levels: int, seconds: float) -> None:
+        """Drafting time of one step (`levels` draft-model passes over `batch` rows)."""
+        self.cost.record_draft(batch, levels, seconds)
+
+    def choose_k(self, alphas: Sequence[float], max_k: int, batch: int) -> int:
+        goodput = {}
+        for k in range(max_k + 1):
+            tokens = sum(expected_tokens(a, k) for a in alphas)
+            goodput[k] = tokens / self.cost.step_time(batch, k)
+        self.last_goodput = goodput
+        best = max(goodput, key=lambda k: (goodput[k], -k))
+        return best if goodput[best] > goodput[0] * (1 + self.margin) else 0
+
+    def plan(
+        self,
+        rows: Sequence[int],
+        stats: Sequence[RowStats],
+        max_k: int,
+        batch: int | None = None,
+    ) -> dict[int, int]:
+        _check_rows(rows, stats, max_k)
+        if not rows:
+            return {}
+        alphas = [self.acceptance.update(row, st) for row, st in zip(rows, stats, strict=True)]
+        k = self.choose_k(alphas, max_k, len(rows) if batch is None else batch)
+        return {row: k for row in rows}
+
+
+POLICIES = {"fixed": FixedLength, "feedback": FeedbackLength, "goodput": GoodputLength}
+
+
+def make_length_policy(name: str, **kwargs: Any) -> DraftLengthPolicy:
+    """'fixed' (k=), 'feedback' (initial=, min_k=, smoothing=), 'goodput' (cost=,
+    acceptance=, margin=)."""
+    if name not in POLICIES:
+        raise ValueError(
+            f"unknown draft length policy {name!r}; known: {', '.join(sorted(POLICIES))}"
+        )
+    try:
+        return POLICIES[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for draft length policy {name!r}: {e}") from None
