@@ -76,7 +76,7 @@ def _exact(q, k_all, v_all, positions):
     """Causal attention of q [B, Hq, T, D] at positions [B, T] over k_all [B, Hkv, P, D]."""
     group = q.shape[1] // k_all.shape[1]
     k, v = (x.repeat_interleave(group, 1) for x in (k_all, v_all))
-    visible = torch.arange(k.shape[2])[None, None, :] <= positions[:, :, None]
+    visible = torch.arange(k.shape[2], device=k.device)[None, None, :] <= positions[:, :, None]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])
 
 
@@ -133,15 +133,17 @@ def test_high_precision_salient_tokens_reduce_error():
         cache = _cache(2, 2, context=140, prompt_len=128, group=16, residual=16, salient=salient)
         lay = cache.layers[0]
         torch.manual_seed(3)
-        k = torch.randn(2, 2, 128, 16)
+        k = torch.randn(2, 2, 128, 16, device=DEVICE)
         k[:, :, 3] *= 12  # an attention sink
-        v, q = torch.randn(2, 2, 128, 16), torch.randn(2, 4, 128, 16)
-        pos = torch.arange(128).expand(2, 128)
-        rows = torch.arange(2)[:, None]
-        step = StepContext(pos, pos, rows, None, None, True, torch.tensor([128, 128]))
+        v, q = torch.randn(2, 2, 128, 16, device=DEVICE), torch.randn(2, 4, 128, 16, device=DEVICE)
+        pos = torch.arange(128, device=DEVICE).expand(2, 128)
+        rows = torch.arange(2, device=DEVICE)[:, None]
+        step = StepContext(
+            pos, pos, rows, None, None, True, torch.tensor([128, 128], device=DEVICE)
+        )
         cache.store_and_attend(0, q, k, v, step)
         qd = q[:, :, -1:] * 3
-        positions = torch.full((2, 1), 127)
+        positions = torch.full((2, 1), 127, device=DEVICE)
         out = quant_attention_reference(qd, lay, cache.spec, positions)
         errors[salient] = float((out - _exact(qd, k, v, positions)).norm())
         if salient:
@@ -153,19 +155,25 @@ def test_multi_token_step_and_window_limit():
     cache = _cache(1, 2, context=100, prompt_len=50, group=16, residual=16)
     lay = cache.layers[0]
     list(_run(cache, [50], steps=0))
-    k, v, q = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 4, 8, 16)
-    positions = torch.arange(50, 58)[None]
-    step = StepContext(positions, positions, torch.zeros(1, 1, dtype=torch.long), None, None)
+    k, v, q = (
+        torch.randn(1, 2, 8, 16, device=DEVICE),
+        torch.randn(1, 2, 8, 16, device=DEVICE),
+        torch.randn(1, 4, 8, 16, device=DEVICE),
+    )
+    positions = torch.arange(50, 58, device=DEVICE)[None]
+    step = StepContext(
+        positions, positions, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), None, None
+    )
     assert cache.store_and_attend(0, q, k, v, step).shape == (1, 4, 8, 16)
     assert int(lay.nq[0]) == 32
-    big = torch.arange(58, 78)[None]
+    big = torch.arange(58, 78, device=DEVICE)[None]
     with pytest.raises(ValueError, match="residual"):
         cache.store_and_attend(
             0,
-            torch.randn(1, 4, 20, 16),
-            torch.randn(1, 2, 20, 16),
-            torch.randn(1, 2, 20, 16),
-            StepContext(big, big, torch.zeros(1, 1, dtype=torch.long), None, None),
+            torch.randn(1, 4, 20, 16, device=DEVICE),
+            torch.randn(1, 2, 20, 16, device=DEVICE),
+            torch.randn(1, 2, 20, 16, device=DEVICE),
+            StepContext(big, big, torch.zeros(1, 1, dtype=torch.long, device=DEVICE), None, None),
         )
 
 
