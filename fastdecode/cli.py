@@ -441,6 +441,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
 
+# -- calibrate-duo (fastdecode.kv.duo_command) ---------------------------------------------
+from fastdecode.kv import duo_command  # noqa: E402 (torch-free; grouped with its command)
+
+command(
+    "calibrate-duo",
+    duo_command.add_arguments,
+    help=duo_command.HELP,
+    description=duo_command.DESCRIPTION,
+    epilog=duo_command.EPILOG,
+)(duo_command.run)
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -95,6 +95,9 @@ class ModelRunner:
         if policy.storage == "quant":  # every position at 2/4 bits, lossy (KIVI + ZipCache)
             self.cache = policy.new_cache(self.model, batch, prompt_len, max_new)
             return self.cache
+        if policy.storage == "heads":  # KV heads of a layer differ in capacity (duo)
+            self.cache = policy.new_cache(self.model, batch, prompt_len, max_new)
+            return self.cache
         self.cache = SparseKVCache(
             policy, capacities, batch, cfg.num_kv_heads, cfg.head_dim, self.model.dtype, self.device
         )

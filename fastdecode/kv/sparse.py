@@ -31,7 +31,7 @@ class SparseKVCache:
     ) -> None:
         self.policy = policy
         self.batch = batch
-        self.capacities = capacities
+        self.capacities = list(capacities)  # a policy may resize a layer at its prefill
         self.capacity = max(capacities)
         self.k = [
             torch.zeros(batch, num_kv_heads, c, head_dim, dtype=dtype, device=device)
@@ -57,6 +57,7 @@ class SparseKVCache:
     def _prefill(self, layer, q, k, v, prompt_lengths) -> torch.Tensor:
         out = prompt_attention(q, k, v)
         raw = self.policy.prefill_scores(layer, q, k, prompt_lengths).float()
+        self.policy.on_prefill(layer, self, prompt_lengths)  # may resize layers (CAKE)
         length = k.shape[2]
         key_pos = torch.arange(length, device=k.device).expand_as(raw)
         real = key_pos < prompt_lengths[:, None, None]
@@ -73,6 +74,28 @@ class SparseKVCache:
         self.score[layer].zero_()
         self.score[layer][:, :, :keep] = raw.gather(-1, chosen) * picked
         return out
+
+    def resize(self, layer: int, capacity: int, newest: torch.Tensor) -> None:
+        """Reallocate `layer` at `capacity` slots, keeping its best entries (protected first,
+        then the policy's eviction scores): shrinking really frees memory. `newest` [B] is
+        each row's latest position (for `protected`)."""
+        pos = self.pos[layer]
+        keep = min(capacity, pos.shape[-1])
+        scores = self.policy.eviction_scores(layer, self).float()
+        scores = scores.masked_fill(self.policy.protected(pos, newest), float("inf"))
+        idx = scores.masked_fill(pos < 0, float("-inf")).topk(keep, dim=-1).indices
+        idx = idx.sort(dim=-1).values
+
+        def take(t: torch.Tensor, fill: float) -> torch.Tensor:
+            new = t.new_full((*t.shape[:2], capacity, *t.shape[3:]), fill)
+            at = idx if t.dim() == 3 else idx[..., None].expand(-1, -1, -1, t.shape[-1])
+            new[:, :, :keep] = t.gather(2, at)
+            return new
+
+        self.k[layer], self.v[layer] = take(self.k[layer], 0), take(self.v[layer], 0)
+        self.pos[layer], self.score[layer] = take(pos, -1), take(self.score[layer], 0)
+        self.capacities[layer] = capacity
+        self.capacity = max(self.capacities)
 
     # -- decode / verify: put each new token in a free or evicted slot, attend over slots --
     def _insert(self, layer, k_new, v_new, positions) -> None:

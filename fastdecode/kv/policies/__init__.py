@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdecode.kv.policies.base import KVPolicy
+from fastdecode.kv.policies.cake import CakePolicy
+from fastdecode.kv.policies.duo import DuoPolicy
 from fastdecode.kv.policies.h2o import H2OPolicy
 from fastdecode.kv.policies.quant import QuantPolicy
 from fastdecode.kv.policies.quest import QuestPolicy
@@ -20,6 +22,8 @@ POLICIES: dict[str, type[KVPolicy]] = {
     "streaming": StreamingPolicy,
     "snapkv": SnapKVPolicy,
     "h2o": H2OPolicy,
+    "cake": CakePolicy,
+    "duo": DuoPolicy,  # per-head storage: retrieval heads full, streaming heads sinks+window
     # sparse retrieval (storage = "select"): keep everything, read a subset per step
     "quest": QuestPolicy,
     "tidal": TidalPolicy,

@@ -47,6 +47,10 @@ class KVPolicy:
         positions = torch.arange(k.shape[2], device=k.device, dtype=torch.float32)
         return positions.expand(k.shape[0], k.shape[1], -1).clone()
 
+    def on_prefill(self, layer: int, cache: SparseKVCache, prompt_lengths: torch.Tensor) -> None:
+        """Called after `prefill_scores`, before layer `layer` keeps its prompt positions: a
+        policy that sizes layers from the prompt may `cache.resize` any layer here (CAKE)."""
+
     def protected(self, pos: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
         """bool [B, Hkv, N]: positions `pos` never dropped while `newest` [B] is the latest
         (sinks, an observation or recent window)."""
