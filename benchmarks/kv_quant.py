@@ -24,14 +24,21 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from fastdecode.bench.report import meta
-from fastdecode.kv.policies.quant import QuantPolicy
-from fastdecode.kv.quant import QuantKVCache, QuantLayer, QuantSpec, quant_attention_reference
-from fastdecode.kv.triton_decode import decode_attention
-from fastdecode.kv.triton_quant import quant_decode_attention
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import measure_bandwidth  # noqa: E402
+
+from fastdecode.bench.report import meta  # noqa: E402
+from fastdecode.kv.policies.quant import QuantPolicy  # noqa: E402
+from fastdecode.kv.quant import (  # noqa: E402
+    QuantKVCache,
+    QuantLayer,
+    QuantSpec,
+    quant_attention_reference,
+)
+from fastdecode.kv.triton_decode import decode_attention  # noqa: E402
+from fastdecode.kv.triton_quant import quant_decode_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 14, 2, 64
 COLUMNS = [
@@ -157,7 +164,7 @@ def main() -> None:
     parser.add_argument("--reference-max-batch", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    default = os.environ.get("OUT") or Path(__file__).resolve().parent / "results"
+    default = os.environ.get("OUT") or HERE / "results"
     out = args.out or Path(default)
     bandwidth = measure_bandwidth()
     options = {k: getattr(args, k) for k in ("group", "residual", "salient")}

@@ -31,6 +31,7 @@ from fastdecode.kv.quantize import (  # noqa: E402
 from fastdecode.kv.step import StepContext  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5 if DEVICE == "cpu" else 5e-3  # the CUDA kernel's fp32 dots run in tf32
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="needs the triton package"
 )
@@ -109,7 +110,7 @@ def test_window_covering_context_is_exact():
     """With residual >= context nothing is quantized: full attention (float32)."""
     cache = _cache(3, 2, context=60, prompt_len=40, group=16, residual=64, salient=0.1)
     for out, ref, _, _ in _run(cache, [40, 23, 7], steps=20):
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
     assert int(cache.layers[0].nq.max()) == 0
 
 
@@ -181,21 +182,20 @@ def test_multi_token_step_and_window_limit():
 
 
 @needs_triton
-@pytest.mark.parametrize("bits", [2, 4])
-def test_triton_kernel_matches_reference(bits):
+@pytest.mark.parametrize("bits,head_dim", [(2, 16), (4, 32)])  # 32: two value groups
+def test_triton_kernel_matches_reference(bits, head_dim):
     from fastdecode.kv.triton_quant import quant_decode_attention
 
-    cache = _cache(3, 2, context=200, prompt_len=150, bits=bits, group=16, residual=16,
-                   salient=0.05)  # fmt: skip
-    *_, (_, _, positions, q) = _run(cache, [150, 97, 9], steps=3)  # the last decode step
+    cache = _cache(3, 2, context=200, prompt_len=150, head_dim=head_dim, bits=bits, group=16,
+                   residual=16, salient=0.05)  # fmt: skip
+    *_, (_, _, positions, q) = _run(cache, [150, 97, 9], steps=3, head_dim=head_dim)
     lay = cache.layers[0]
     assert int(lay.nq.min()) == 0 and int(lay.nq.max()) > 0  # an empty and a quantized row
     assert (lay.sal > 0).any()
     lay.fpos[2, :, -1] = 199  # a stale (rolled-back) entry beyond the query: ignored
     ref = quant_attention_reference(q.double(), lay, cache.spec, positions)
     out = quant_decode_attention(q, lay, cache.spec, positions[:, 0].to(torch.int32))
-    tol = 1e-5 if DEVICE == "cpu" else 1e-3
-    assert (out.double() - ref).norm() / ref.norm() < tol
+    assert (out.double() - ref).norm() / ref.norm() < TOL
 
 
 # -- memory --

@@ -27,12 +27,15 @@ from fastdecode.kv.triton_decode import (
 
 
 @triton.jit
-def _unpack(ptr, token, d, valid, PACKED: tl.constexpr, BITS: tl.constexpr):
-    """Codes [BLOCK, D] (float32) of tokens `token` from rows of PACKED uint8 bytes."""
+def _unpack(ptr, token, valid, PACKED: tl.constexpr, BITS: tl.constexpr):
+    """Codes [BLOCK, D] (float32) of tokens `token`: each token's PACKED bytes are loaded
+    once (contiguous) and split into 8 // BITS codes each, channel d = byte * per + j."""
     per: tl.constexpr = 8 // BITS
-    byte = tl.load(ptr + token[:, None] * PACKED + (d // per)[None, :], mask=valid[:, None])
-    shift = ((d % per) * BITS)[None, :]
-    return ((byte.to(tl.int32) >> shift) & ((1 << BITS) - 1)).to(tl.float32)
+    offs = token[:, None] * PACKED + tl.arange(0, PACKED)[None, :]
+    byte = tl.load(ptr + offs, mask=valid[:, None], other=0).to(tl.int32)
+    shift = (tl.arange(0, per) * BITS)[None, None, :]
+    codes = (byte[:, :, None] >> shift) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (token.shape[0], PACKED * per)).to(tl.float32)
 
 
 @triton.jit
@@ -77,12 +80,18 @@ def _quant_split_kernel(
             meta = (bh * (slots // QGROUP) + first // QGROUP) * HEAD_DIM + d
             k_scale = tl.load(ks_ptr + meta).to(tl.float32)
             k_zero = tl.load(kz_ptr + meta).to(tl.float32)
-            k = _unpack(kq_base, n, d, valid, PACKED, BITS) * k_scale[None, :] + k_zero[None, :]
+            k = _unpack(kq_base, n, valid, PACKED, BITS) * k_scale[None, :] + k_zero[None, :]
             # values: scale/zero per token and group of VGROUP channels
-            vmeta = (bh * slots + n)[:, None] * (HEAD_DIM // VGROUP) + (d // VGROUP)[None, :]
-            v_scale = tl.load(vs_ptr + vmeta, mask=valid[:, None], other=0.0).to(tl.float32)
-            v_zero = tl.load(vz_ptr + vmeta, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = _unpack(vq_base, n, d, valid, PACKED, BITS) * v_scale + v_zero
+            v = _unpack(vq_base, n, valid, PACKED, BITS)
+            if VGROUP == HEAD_DIM:  # one scale per token: a [BLOCK] load
+                v_scale = tl.load(vs_ptr + bh * slots + n, mask=valid, other=0.0)
+                v_zero = tl.load(vz_ptr + bh * slots + n, mask=valid, other=0.0)
+                v = v * v_scale.to(tl.float32)[:, None] + v_zero.to(tl.float32)[:, None]
+            else:
+                vmeta = (bh * slots + n)[:, None] * (HEAD_DIM // VGROUP) + (d // VGROUP)[None, :]
+                v_scale = tl.load(vs_ptr + vmeta, mask=valid[:, None], other=0.0)
+                v_zero = tl.load(vz_ptr + vmeta, mask=valid[:, None], other=0.0)
+                v = v * v_scale.to(tl.float32) + v_zero.to(tl.float32)
             m, total, acc = online_softmax_block(
                 q, k.to(q.dtype), v.to(q.dtype), valid, m, total, acc, scale
             )
