@@ -221,8 +221,11 @@ class LLM:
             timing = BatchTiming()
             return run_batch(self.runner, ids, states, timing, check_every), timing
         timing = SpecTiming()
-        drafters = [spec.new_drafter() for _ in ids]
-        steps = run_speculative(self.runner, ids, states, timing, drafters, spec.num_draft_tokens)
+        drafter = spec.batch_drafter(self.runner, self.tokenizer, len(ids))
+        steps = run_speculative(
+            self.runner, ids, states, timing, drafter, spec.num_draft_tokens,
+            spec.length_policy(),
+        )  # fmt: skip
         return steps, timing
 
     def _params_for(self, items: list[Prompt], params) -> list[SamplingParams]:

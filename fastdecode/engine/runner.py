@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdecode.engine.graphed import GraphedForward
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.selective import SelectiveKVCache
@@ -44,26 +45,42 @@ class ModelRunner:
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
         ] = {}
         self._pool = None
+        self._multi: GraphedForward | None = None
+
+    def multi_forward(self) -> GraphedForward:
+        """Multi-token forwards (verification) over the current cache, graphed on CUDA; kept
+        while the cache is, so later batches of the same shape replay the same graphs."""
+        if self._multi is None or self._multi.cache is not self.cache:
+            self._multi = GraphedForward(self.model, self.cache, enabled=self.cuda_graphs)
+        return self._multi
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def allocate(
-        self, batch: int, tokens_needed: int, prompt_len: int | None = None
+        self,
+        batch: int,
+        tokens_needed: int,
+        prompt_len: int | None = None,
+        kv_policy: KVPolicyConfig | None = None,
     ) -> KVCache | SparseKVCache:
         """Ensure a cache of `batch` rows holding `tokens_needed` slots (reused when it fits).
 
-        With a KV policy the cache is budgeted instead, sized from the longest prompt
-        (`prompt_len`) and the tokens still to come; it is new for every batch."""
+        With a KV policy (the runner's, or `kv_policy` for this batch) the cache is budgeted
+        instead, sized from the longest prompt (`prompt_len`) and the tokens still to come;
+        it is new for every batch."""
         context = self.model.config.max_position
         if tokens_needed > context:
             raise ValueError(
                 f"prompt + max_tokens needs {tokens_needed} positions, more than the model's "
                 f"context of {context}"
             )
-        if self.kv_policy is not None:
-            return self._allocate_budgeted(batch, tokens_needed, prompt_len or tokens_needed)
+        kv_policy = kv_policy or self.kv_policy
+        if kv_policy is not None:
+            return self._allocate_budgeted(
+                kv_policy, batch, tokens_needed, prompt_len or tokens_needed
+            )
         capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), context)
         cache = self.cache
         if cache is None or cache.batch != batch or cache.capacity != capacity:
@@ -73,9 +90,11 @@ class ModelRunner:
             self.cache = self.model.new_cache(batch, capacity)
         return self.cache
 
-    def _allocate_budgeted(self, batch: int, tokens_needed: int, prompt_len: int):
+    def _allocate_budgeted(
+        self, kv_policy: KVPolicyConfig, batch: int, tokens_needed: int, prompt_len: int
+    ):
         cfg = self.model.config
-        policy = self.kv_policy.build(context=tokens_needed)
+        policy = kv_policy.build(context=tokens_needed)
         max_new = tokens_needed - prompt_len
         capacities = [policy.capacity(i, prompt_len, max_new) for i in range(cfg.num_layers)]
         self.cache = None
@@ -92,10 +111,10 @@ class ModelRunner:
             capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), cfg.max_position)
             self.cache = ShadowKVCache.for_model(policy, self.model, batch, capacity)
             return self.cache
-        if policy.storage == "quant":  # every position at 2/4 bits, lossy (KIVI + ZipCache)
+        if policy.storage == "heads":  # KV heads of a layer differ in capacity (duo)
             self.cache = policy.new_cache(self.model, batch, prompt_len, max_new)
             return self.cache
-        if policy.storage == "heads":  # KV heads of a layer differ in capacity (duo)
+        if policy.storage == "quant":  # every position at 2/4 bits, lossy (KIVI + ZipCache)
             self.cache = policy.new_cache(self.model, batch, prompt_len, max_new)
             return self.cache
         self.cache = SparseKVCache(

@@ -1,5 +1,5 @@
-"""The speculative decoding loop for a batch of requests (eager; the ModelRunner keeps the
-cache and runs the prefill).
+"""The speculative decoding loop for a batch of requests (the ModelRunner keeps the cache,
+runs the prefill and, on CUDA, replays the verify step as a CUDA graph per shape).
 
 Each step: every unfinished row's drafter proposes a tree (possibly empty); rows are padded
 to one width T = 1 + max nodes, column 0 being the last accepted token (the plain decode
@@ -14,27 +14,35 @@ Stop conditions go through RequestState as in engine/generate.py; a row may fini
 middle of an accepted run, and the tokens after the stop are dropped. Finished rows ride
 along with no drafts and do not advance.
 
-Optional drafter hooks (fastdecode.spec.drafters.base): `configure(params)` once per request;
-and for drafters with `wants_target_probs` (STAND), `observe(context, tokens, probs)` with the
-target's distributions at the emitted positions (after the prefill and after every verify
-step), computed only for those rows.
+The loop talks to one BatchDrafter per batch (fastdecode.spec.drafters.batch): model drafters
+draft every row in shared forward passes; model-free ones run per row behind PerRowDrafters
+(which also feeds STAND the target's distributions). A draft-length policy
+(fastdecode.spec.length) may pick each row's K every step, down to 0 (a plain decode step)
+when the batch is large enough that verification stops being nearly free.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastdecode.engine.generate import BatchTiming, _synchronize
+from fastdecode.engine.graphed import trash_slot
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.sampling import make_generator, select_tokens
 from fastdecode.engine.stopping import RequestState
-from fastdecode.spec.drafters import Drafter
+from fastdecode.spec.drafters.base import Drafter
+from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
 from fastdecode.spec.tree import DraftTree, pad_trees
-from fastdecode.spec.verify import target_probs, verify_batch
+from fastdecode.spec.verify import verify_batch
+
+if TYPE_CHECKING:
+    from fastdecode.spec.length import DraftLengthPolicy
 
 
 @dataclass
@@ -92,26 +100,30 @@ def run_speculative(
     prompts: list[list[int]],
     states: list[RequestState],
     timing: SpecTiming,
-    drafters: Sequence[Drafter],
+    drafter: BatchDrafter | Sequence[Drafter],
     num_draft_tokens: int,
+    length_policy: DraftLengthPolicy | None = None,
 ) -> Iterator[None]:
-    """Decode `prompts` into `states` speculatively, yielding after every step."""
+    """Decode `prompts` into `states` speculatively, yielding after every step.
+
+    drafter: a BatchDrafter, or one model-free Drafter per row. length_policy (default:
+    always `num_draft_tokens`) picks each row's draft budget K every step."""
     if num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    if not isinstance(drafter, BatchDrafter):
+        drafter = PerRowDrafters(drafter)
     device = runner.device
-    model = runner.model
     params = [s.params for s in states]
     batch = len(prompts)
     max_new = max(p.max_tokens for p in params)
-    cache = runner.allocate(batch, max(len(p) for p in prompts) + max_new + num_draft_tokens + 1)
+    longest = max(len(p) for p in prompts)
+    # + the draft columns of the last step, + one trash slot for padded verify columns
+    needed = longest + max_new + num_draft_tokens + 2
+    allocate = getattr(drafter, "allocate", None)
+    cache = allocate(runner, batch, needed, longest) if allocate else runner.allocate(batch, needed)
+    verify_forward = runner.multi_forward()
     generators = [make_generator(p, device) for p in params]
     timing.rows = [SpecStats() for _ in prompts]
-    for drafter, p in zip(drafters, params, strict=True):
-        drafter.reset()
-        if hasattr(drafter, "configure"):
-            drafter.configure(p)
-    # rows whose drafter observes the target's distributions (STAND)
-    observing = [getattr(d, "wants_target_probs", False) for d in drafters]
 
     start = time.perf_counter()
     prefill_logits = runner.prefill(prompts)
@@ -119,69 +131,63 @@ def run_speculative(
     timing.prefill_s = time.perf_counter() - start
     lengths = [len(p) for p in prompts]
     last = list(first)
-    for b, (state, token, drafter) in enumerate(zip(states, first, drafters, strict=True)):
-        if observing[b]:
-            drafter.observe(prompts[b], [token], target_probs(prefill_logits[b : b + 1], params[b]))
+    for state, token in zip(states, first, strict=True):
         state.add(token)
-        drafter.update([token])
+    drafter.begin(prompts, params, generators, first, prefill_logits)
     timing.steps = 1
     yield
 
     while not all(s.finished for s in states):
         # -- draft ------------------------------------------------------------------------
-        trees = []
-        for b, (state, drafter) in enumerate(zip(states, drafters, strict=True)):
-            room = min(
-                num_draft_tokens,
-                state.params.max_tokens - len(state.token_ids) - 1,  # the target adds one
-                cache.capacity - lengths[b] - 1,
-            )
-            if state.finished or room <= 0:
-                trees.append(DraftTree.empty())
-                continue
-            t0 = time.perf_counter()
-            tree = drafter.propose(prompts[b] + state.token_ids, room).truncate(room)
-            elapsed = time.perf_counter() - t0
-            timing.rows[b].draft_s += elapsed
-            timing.draft_s += elapsed
-            trees.append(tree)
+        active = [b for b, s in enumerate(states) if not s.finished]
+        budget = _plan(length_policy, active, timing.rows, num_draft_tokens, batch)
+        rooms = [0] * batch
+        for b in active:
+            rooms[b] = max(0, min(
+                budget[b],
+                states[b].params.max_tokens - len(states[b].token_ids) - 1,  # target adds one
+                trash_slot(cache) - lengths[b] - 1,
+            ))  # fmt: skip
+        contexts = [prompts[b] + s.token_ids for b, s in enumerate(states)]
+        t0 = time.perf_counter()
+        trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
+        if trees is None:
+            trees = [DraftTree.empty() for _ in range(batch)]
+        elapsed = time.perf_counter() - t0
+        timing.draft_s += elapsed
+        levels = max(tree.max_depth for tree in trees)
+        if levels and hasattr(length_policy, "record_draft"):
+            length_policy.record_draft(batch, levels, elapsed)
+        drafting = [b for b in active if rooms[b] > 0]
+        for b in drafting:  # rows share the batched drafting time
+            timing.rows[b].draft_s += elapsed / len(drafting)
 
         # -- verify: one target pass over every row's tree --------------------------------
         t0 = time.perf_counter()
         lengths_t = torch.tensor(lengths, device=device)
-        if any(len(tree) for tree in trees):
+        width = max(len(tree) for tree in trees)
+        if width:
             tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
                 torch.tensor(last), lengths_t, cache.capacity
             )
-            logits = model.forward(tokens, positions, cache, slots=slots, mask=mask)
+            logits = verify_forward(tokens, positions, slots, mask)
         else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
             logits = runner.decode(torch.tensor(last, device=device), lengths_t)[:, None]
-        verdicts = verify_batch(trees, logits, params, generators, observing)
-
-        # -- compact: accepted nodes' K/V to consecutive slots after the prefix -----------
-        rows, src, dst = [], [], []
-        for b, verdict in enumerate(verdicts):
-            for j, node in enumerate(verdict.accepted, start=1):
-                if node + 1 != j:
-                    rows.append(b)
-                    src.append(lengths[b] + 1 + node)
-                    dst.append(lengths[b] + j)
-        if rows:
-            cache.move(
-                torch.tensor(rows, device=device),
-                torch.tensor(src, device=device),
-                torch.tensor(dst, device=device),
-            )
+        verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
+        _compact(cache, verdicts, lengths, device)
         _synchronize(device)
         elapsed = time.perf_counter() - t0
         timing.verify_s += elapsed
+        if length_policy is not None:
+            if width:
+                length_policy.record_verify(batch, 1 + width, elapsed)
+            else:
+                length_policy.record_plain(batch, elapsed)
 
         # -- emit -------------------------------------------------------------------------
-        for b, (state, verdict, tree) in enumerate(zip(states, verdicts, trees, strict=True)):
-            if state.finished:
-                continue
-            if observing[b]:
-                drafters[b].observe(prompts[b] + state.token_ids, verdict.tokens, verdict.probs)
+        drafter.accept(contexts, [v if b in active else None for b, v in enumerate(verdicts)])
+        for b in active:
+            state, verdict, tree = states[b], verdicts[b], trees[b]
             emitted = 0
             for token in verdict.tokens:
                 if state.finished:
@@ -191,7 +197,8 @@ def run_speculative(
             stats = timing.rows[b]
             stats.verify_s += elapsed
             stats.record(tree, len(verdict.accepted), emitted)
-            drafters[b].update(verdict.tokens)
+            if length_policy is not None and hasattr(length_policy, "record_row"):
+                length_policy.record_row(b, tree.max_depth, len(verdict.accepted))
             lengths[b] += 1 + len(verdict.accepted)
             last[b] = verdict.tokens[-1]
         timing.steps += 1
@@ -202,3 +209,28 @@ def run_speculative(
         timing.rows[b].cache_length = lengths[b]
         state.finalize()
     timing.decode_s = time.perf_counter() - start - timing.prefill_s
+
+
+def _plan(
+    policy, active: list[int], rows: list[SpecStats], max_k: int, batch: int
+) -> dict[int, int]:
+    if policy is None:
+        return {b: max_k for b in active}
+    stats = [rows[b] for b in active]
+    if hasattr(policy, "choose_k"):  # batch-aware: finished rows still ride in the forward
+        return policy.plan(active, stats, max_k, batch=batch)
+    return policy.plan(active, stats, max_k)
+
+
+def _compact(cache, verdicts, lengths: list[int], device: torch.device) -> None:
+    """Move each row's accepted nodes' K/V to consecutive slots right after its prefix."""
+    rows, src, dst = [], [], []
+    for b, verdict in enumerate(verdicts):
+        for j, node in enumerate(verdict.accepted, start=1):
+            if node + 1 != j:
+                rows.append(b)
+                src.append(lengths[b] + 1 + node)
+                dst.append(lengths[b] + j)
+    if rows:
+        as_tensor = functools.partial(torch.tensor, device=device)
+        cache.move(as_tensor(rows), as_tensor(src), as_tensor(dst))

@@ -41,6 +41,9 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 class SelectiveKVCache(KVCache):
     dense_reads = False  # decode steps read a subset: no fused dense decode kernel
+    # False: every step reads everything (the target of sparse self-speculation, whose
+    # draft switches sparse reads on only while it drafts)
+    sparse_reads = True
 
     def __init__(
         self,
@@ -76,7 +79,7 @@ class SelectiveKVCache(KVCache):
         self.policy.on_store(layer, self, k, step)
         if step.prefill:
             return prompt_attention(q, k, v)
-        if q.shape[2] != 1:
+        if q.shape[2] != 1 or not self.sparse_reads:
             return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
         visible = visible_slots(step, self.capacity)
         indices = self.policy.select(layer, self, q, visible)

@@ -7,6 +7,7 @@ Weights arrive under HF names (from safetensors or a dequantized GGUF) and are f
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ class Transformer:
             functools.partial(attention_output_and_mlp, eps=config.rms_norm_eps),
         )
         self.decode_fns = self.layer_fns  # replaced by compiled versions in compile()
+        self.multi_fns = self.layer_fns  # multi-token steps (verify, drafting): any shape
         self.decode_kernel = decode_kernel_available(embed.device)
         self.fused_decode = FusedDecodeStep(self, False) if fused_decode_supported(self) else None
 
@@ -72,6 +74,11 @@ class Transformer:
                 setattr(dynamo_config, knob, max(getattr(dynamo_config, knob), 64))
         self.decode_fns = LayerFunctions(
             *(torch.compile(fn, fullgraph=True, dynamic=False) for fn in self.layer_fns)
+        )
+        # Verify / draft steps come in many (batch, tokens) shapes: one dynamic compile
+        # serves them all instead of one recompile per shape.
+        self.multi_fns = LayerFunctions(
+            *(torch.compile(fn, fullgraph=True, dynamic=True) for fn in self.layer_fns)
         )
         if self.fused_decode is not None:
             self.fused_decode = FusedDecodeStep(self, compile=True)
@@ -116,13 +123,16 @@ class Transformer:
         logit_index: torch.Tensor | None = None,
         decode: bool = False,
         prefill: bool = False,
+        layer_ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Run tokens [B, T] at RoPE positions [B, T], writing K/V at `slots` (default: positions).
 
         mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification).
         logit_index [B] picks one position per row to project (prefill); default: all.
-        decode=True uses the compiled layer halves (fixed small shapes); prefill=True says
-        the rows start empty (a budgeted cache compresses the prompt as it stores it).
+        decode=True uses the compiled layer halves (fixed small shapes; one token per row, or
+        the dynamic-shape compile for several); prefill=True says the rows start empty (a
+        budgeted cache compresses the prompt as it stores it). layer_ids runs only those
+        layers (self-speculation that skips layers; the others' K/V are left untouched).
         Returns logits [B, T, V] (or [B, V] with logit_index), in float32.
         """
         batch, length = tokens.shape
@@ -145,9 +155,11 @@ class Transformer:
             prompt_lengths = full if logit_index is None else logit_index + 1
         step = StepContext(positions, slots, batch_index, mask, lengths, prefill, prompt_lengths)
         x = F.embedding(tokens, self.embed)
-        fns = self.decode_fns if decode else self.layer_fns
-        for i, weights in enumerate(self.layers):
-            x = decoder_layer(fns, x, weights, cos, sin, cache, i, step)
+        fns = self.layer_fns
+        if decode:
+            fns = self.decode_fns if length == 1 else self.multi_fns
+        for i in range(len(self.layers)) if layer_ids is None else layer_ids:
+            x = decoder_layer(fns, x, self.layers[i], cos, sin, cache, i, step)
         if logit_index is not None:
             x = x[torch.arange(batch, device=x.device), logit_index]
         x = rms_norm(x, self.norm, self.config.rms_norm_eps)

@@ -1,0 +1,110 @@
+"""Multi-token forwards with explicit slots and masks (verification, drafting), captured as
+CUDA graphs.
+
+A verify step at 0.1-2B parameters is bound by kernel launches, not bytes: run eagerly it
+costs about two plain (graphed) decode steps, which would eat the speculation's gain. So,
+as the decode step, each (batch, width) shape is captured once and replayed with new
+inputs copied into static buffers. Widths are rounded up to a few buckets so a handful of
+graphs serve every draft size; padding columns write their K/V to the cache's last slot
+(`trash_slot`), which the caller keeps out of every real row's reach, and see only it.
+
+On CPU (or with graphs off) the forward simply runs eagerly on the unpadded inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def bucket(width: int) -> int:
+    for b in WIDTH_BUCKETS:
+        if width <= b:
+            return b
+    return width
+
+
+def trash_slot(cache) -> int:
+    """The slot padding columns write to: the cache's last one (callers allocate one extra)."""
+    return cache.capacity - 1
+
+
+class GraphedForward:
+    """`model.forward(tokens, positions, cache, slots=, mask=, decode=True)` for one cache,
+    optionally over a subset of layers, one CUDA graph per (batch, width bucket)."""
+
+    def __init__(
+        self, model, cache, *, enabled: bool, layer_ids: Sequence[int] | None = None
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.enabled = enabled and model.device.type == "cuda"
+        self.layer_ids = None if layer_ids is None else list(layer_ids)
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """tokens, positions, slots [B, T]; mask [B, 1, T, capacity] -> logits [B, T, V]."""
+        if not self.enabled:
+            return self._forward(tokens, positions, slots, mask)
+        batch, width = tokens.shape
+        padded = bucket(width)
+        key = (batch, padded)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(*self._pad(tokens, positions, slots, mask, padded))
+        graph, inputs, logits = self._graphs[key]
+        padded_inputs = self._pad(tokens, positions, slots, mask, padded)
+        for static, value in zip(inputs, padded_inputs, strict=True):
+            static.copy_(value, non_blocking=True)
+        graph.replay()
+        return logits[:, :width]
+
+    def _forward(self, tokens, positions, slots, mask) -> torch.Tensor:
+        return self.model.forward(
+            tokens, positions, self.cache, slots=slots, mask=mask, decode=True,
+            layer_ids=self.layer_ids,
+        )  # fmt: skip
+
+    def _pad(self, tokens, positions, slots, mask, width: int):
+        device = self.model.device
+        tokens, positions, slots, mask = (t.to(device) for t in (tokens, positions, slots, mask))
+        extra = width - tokens.shape[1]
+        if extra == 0:
+            return tokens, positions, slots, mask
+        batch = tokens.shape[0]
+        trash = trash_slot(self.cache)
+        pad = torch.full((batch, extra), trash, dtype=torch.long, device=device)
+        tokens = torch.cat([tokens, torch.zeros_like(pad)], dim=1)
+        positions = torch.cat([positions, torch.zeros_like(pad)], dim=1)
+        slots = torch.cat([slots, pad], dim=1)
+        pad_mask = torch.zeros(batch, 1, extra, mask.shape[-1], dtype=torch.bool, device=device)
+        pad_mask[..., trash] = True
+        return tokens, positions, slots, torch.cat([mask, pad_mask], dim=2)
+
+    def _capture(self, tokens, positions, slots, mask):
+        inputs = tuple(t.clone() for t in (tokens, positions, slots, mask))
+
+        def step() -> torch.Tensor:
+            return self._forward(*inputs)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile + autotune outside the capture
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = step()
+        return graph, inputs, logits

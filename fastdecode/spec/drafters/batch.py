@@ -1,0 +1,80 @@
+"""The batch-level drafter interface the speculative loop talks to.
+
+Model-based drafters (a draft model, the target with skipped layers or a sparse KV cache)
+must draft every row of the batch in the same forward passes, so the loop drives one
+BatchDrafter per batch. Model-free drafters (n-gram, suffix, STAND) are per request; the
+`PerRowDrafters` adapter runs one per row behind the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fastdecode.params import SamplingParams
+from fastdecode.spec.drafters.base import Drafter
+from fastdecode.spec.tree import DraftTree
+from fastdecode.spec.verify import Verdict, target_probs
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """One instance per batch.
+
+    `want_probs[b]`: row b's verdicts must carry the target's distributions (STAND).
+    `begin` runs once after the target's prefill (`lengths`: each row's cached tokens);
+    `propose` drafts a tree of at most `rooms[b]` nodes for each row (0: none) continuing
+    `contexts[b]` (prompt + output; the last token is the root, not yet in the target's
+    cache, which holds `lengths[b]` tokens); `accept` hands over what the verify step
+    emitted (None for rows that took no part)."""
+
+    want_probs: list[bool]
+
+    def begin(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        first: list[int],
+        prefill_logits: torch.Tensor,
+    ) -> None: ...
+
+    def propose(
+        self, contexts: list[list[int]], rooms: list[int], lengths: list[int]
+    ) -> list[DraftTree]: ...
+
+    def accept(self, contexts: list[list[int]], verdicts: Sequence[Verdict | None]) -> None: ...
+
+
+class PerRowDrafters:
+    """Model-free drafters, one per request, as a BatchDrafter."""
+
+    def __init__(self, drafters: Sequence[Drafter]) -> None:
+        self.drafters = list(drafters)
+        self.want_probs = [getattr(d, "wants_target_probs", False) for d in self.drafters]
+
+    def begin(self, prompts, params, generators, first, prefill_logits) -> None:
+        for b, (drafter, p) in enumerate(zip(self.drafters, params, strict=True)):
+            drafter.reset()
+            if hasattr(drafter, "configure"):
+                drafter.configure(p)
+            if self.want_probs[b]:
+                probs = target_probs(prefill_logits[b : b + 1], p)
+                drafter.observe(prompts[b], [first[b]], probs)
+            drafter.update([first[b]])
+
+    def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
+        trees = []
+        for drafter, context, room in zip(self.drafters, contexts, rooms, strict=True):
+            trees.append(drafter.propose(context, room).truncate(room) if room > 0 else None)
+        return [DraftTree.empty() if t is None else t for t in trees]
+
+    def accept(self, contexts, verdicts) -> None:
+        for b, (drafter, verdict) in enumerate(zip(self.drafters, verdicts, strict=True)):
+            if verdict is None:
+                continue
+            if self.want_probs[b]:
+                drafter.observe(contexts[b], verdict.tokens, verdict.probs)
+            drafter.update(verdict.tokens)

@@ -1,0 +1,63 @@
+"""Builds the model-based drafters of a SpeculativeConfig (the draft model is loaded once
+and kept in the config's shared state, so later batches reuse it and its CUDA graphs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastdecode.engine.runner import ModelRunner
+from fastdecode.kv.policies import KVPolicyConfig
+from fastdecode.spec.drafters.draft_model import DraftModelDrafter, check_same_tokenizer
+from fastdecode.spec.drafters.self_draft import SelfDrafter, default_skip
+from fastdecode.spec.drafters.tree_drafting import TreeShape
+
+TRIFORCE_DEFAULT_BUDGET = 1 / 16
+
+
+def build_model_drafter(config, runner: ModelRunner, tokenizer, shared: dict[str, Any]):
+    shape = TreeShape.parse(config.tree, config.confidence_threshold)
+    kwargs = config.drafter_kwargs
+    if config.method == "draft_model":
+        name = str(kwargs["model"])
+        if shared.get("draft_name") != name:
+            from fastdecode.model.load import load_model
+
+            model = runner.model
+            loaded = load_model(name, dtype=model.dtype, device=model.device, progress=False)
+            check_same_tokenizer(loaded.tokenizer, tokenizer, name)
+            shared["draft_runner"] = ModelRunner(loaded.model, cuda_graphs=runner.cuda_graphs)
+            shared["draft_name"] = name
+            shared.pop("drafter", None)
+        drafter = shared.get("drafter")
+        if drafter is None or drafter.shape != shape:
+            vocab = runner.model.lm_head.shape[0]
+            drafter = DraftModelDrafter(
+                shared["draft_runner"], shape, config.num_draft_tokens, vocab
+            )
+            shared["drafter"] = drafter
+        drafter.max_nodes = config.num_draft_tokens
+        return drafter
+    num_layers = runner.model.config.num_layers
+    if config.method == "layerskip":
+        skip = kwargs.get("skip")
+        skip = default_skip(num_layers) if skip is None else [int(i) for i in skip]
+        bad = [i for i in skip if not 0 <= i < num_layers]
+        if bad or len(set(skip)) >= num_layers:
+            raise ValueError(
+                f"layerskip: skip must name layers 0..{num_layers - 1} and keep at least one, "
+                f"got {skip}"
+            )
+        kept = [i for i in range(num_layers) if i not in set(skip)]
+        key = ("layerskip", shape, tuple(kept))
+        make = lambda: SelfDrafter(runner, shape, layer_ids=kept)  # noqa: E731
+    else:
+        policy = KVPolicyConfig(
+            str(kwargs.get("policy", "streaming_read")),
+            float(kwargs.get("budget", TRIFORCE_DEFAULT_BUDGET)),
+        )
+        key = ("triforce", shape, policy.name, policy.budget)
+        make = lambda: SelfDrafter(runner, shape, sparse_policy=policy)  # noqa: E731
+    # kept across batches: a drafter holds the CUDA graphs of its forward
+    if shared.get("self_key") != key or shared.get("self_runner") is not runner:
+        shared.update(self_key=key, self_runner=runner, self_drafter=make())
+    return shared["self_drafter"]

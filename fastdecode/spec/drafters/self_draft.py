@@ -1,0 +1,87 @@
+"""Self-speculation: the target drafts for itself, cheaper, on its own KV cache.
+
+`layerskip`: the target with a set of layers skipped (training-free layer skipping, the
+SkipDecode / Kangaroo / Draft & Verify family). `triforce`: the target with every layer but
+a sparse KV read per step -- sinks + a recent window, or a retrieval policy such as Quest --
+while verification reads the full cache (TriForce, Sun et al. 2024; MagicDec, Chen et al.
+2024). At long context a step is bound by reading the KV cache, so a sparse draft step is
+much cheaper than a full one, and its drafts are accepted often; the gain grows with batch.
+
+Both share the target's cache: a draft writes its root and nodes into the slots the next
+verify step overwrites in every layer (column 0 and the tree columns), so no second cache
+and no resync exist. Skipped layers simply keep stale entries there until then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastdecode.engine.graphed import GraphedForward
+from fastdecode.engine.runner import ModelRunner
+from fastdecode.kv.policies import KVPolicyConfig
+from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
+from fastdecode.spec.tree import DraftTree
+
+
+def default_skip(num_layers: int) -> list[int]:
+    """Every second layer of the middle (first two and last two kept): about half the work."""
+    return list(range(2, num_layers - 2, 2))
+
+
+class SelfDrafter:
+    """One per batch. layer_ids: the layers the draft runs (None: all); sparse_policy: the
+    ReadPolicy the draft reads through (the target's cache becomes a SelectiveKVCache
+    whose sparse reads are switched on only while drafting)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        shape: TreeShape,
+        *,
+        layer_ids: Sequence[int] | None = None,
+        sparse_policy: KVPolicyConfig | None = None,
+    ) -> None:
+        if sparse_policy is not None and shape.kind != "chain":
+            raise ValueError(
+                "triforce drafts chains: its sparse reads serve single-token steps (use no --tree)"
+            )
+        self.runner = runner
+        self.shape = shape
+        self.layer_ids = None if layer_ids is None else list(layer_ids)
+        self.sparse_policy = sparse_policy
+        self.want_probs: list[bool] = []
+        self._forward: GraphedForward | None = None
+
+    def allocate(self, runner: ModelRunner, batch: int, needed: int, prompt_len: int):
+        cache = runner.allocate(batch, needed, prompt_len, kv_policy=self.sparse_policy)
+        if self.sparse_policy is not None:
+            cache.sparse_reads = False  # the target (prefill, verify, plain steps) reads all
+        if self._forward is None or self._forward.cache is not cache:
+            self._forward = GraphedForward(
+                runner.model, cache, enabled=runner.cuda_graphs, layer_ids=self.layer_ids
+            )
+        return cache
+
+    def begin(self, prompts, params, generators, first, prefill_logits) -> None:
+        self.params = params
+        self.generators = draft_generators(params, self.runner.device)
+        self.want_probs = [False] * len(prompts)
+
+    def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
+        growers = [
+            self.shape.grower(room, p.greedy, gen) if room > 0 else None
+            for room, p, gen in zip(rooms, self.params, self.generators, strict=True)
+        ]
+        pending = [[c[-1]] if room > 0 else [] for c, room in zip(contexts, rooms, strict=True)]
+        cache = self._forward.cache
+        sparse = self.sparse_policy is not None
+        if sparse:
+            cache.sparse_reads = True
+        try:
+            return draft_trees(self._forward, cache, pending, list(lengths), growers, self.params)
+        finally:
+            if sparse:
+                cache.sparse_reads = False
+
+    def accept(self, contexts, verdicts) -> None:
+        """Nothing to sync: the verify step already wrote the accepted tokens' K/V."""

@@ -1,0 +1,177 @@
+"""Drafting with a model, for a whole batch at once, one tree level per forward pass.
+
+Shared by every model-based drafter (a separate draft model, the target with skipped
+layers, the target over a sparse KV cache): they differ only in the forward they run and
+the cache it writes. Each row has `pending` tokens its draft cache has not seen yet (the
+tokens emitted since the last step; the last one is the tree's root) written from slot
+`start`. One *catch-up* pass writes them and yields the distribution after the root; then
+every level of the tree is one pass over the rows' frontier nodes, each node attending to
+the prefix, its ancestors and itself (tree attention, as in verification). A row's growth
+(chain, static tree or DySpec's dynamic tree) is its `TreeGrower`'s business.
+
+Draft K/V go to scratch slots after the root (node i at root + 1 + i) that the next
+catch-up or the target's verify step overwrites, so drafting never leaves stale entries
+visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.engine.graphed import trash_slot
+from fastdecode.engine.sampling import filtered_probs, make_generator
+from fastdecode.params import SamplingParams
+from fastdecode.spec.tree import DraftTree
+from fastdecode.spec.tree_growth import ChainGrower, DynamicTreeGrower, StaticTreeGrower
+
+DraftForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How drafts grow: a chain (stopping early under `threshold` confidence: SpecDec++ /
+    Kangaroo / BiLD's fallback), a static tree (`branching[d]` children per node at depth
+    d) or a dynamic DySpec tree (`max_depth`, `per_level` nodes expanded per level)."""
+
+    kind: str = "chain"
+    branching: tuple[int, ...] = ()
+    max_depth: int = 8
+    per_level: int = 4
+    threshold: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str | None, threshold: float = 0.0) -> TreeShape:
+        """None/"chain", "4,2,1" (static) or "dynamic" / "dynamic:DEPTH:PER_LEVEL"."""
+        if text is None or text == "chain":
+            return cls(threshold=threshold)
+        if text.startswith("dynamic"):
+            parts = text.split(":")[1:]
+            try:
+                numbers = [int(p) for p in parts]
+            except ValueError:
+                numbers = [0]
+            if len(numbers) > 2 or any(n < 1 for n in numbers):
+                raise ValueError(
+                    f"bad tree {text!r}: use dynamic or dynamic:MAX_DEPTH:PER_LEVEL "
+                    "(positive integers)"
+                )
+            defaults = cls()
+            depth = numbers[0] if numbers else defaults.max_depth
+            per_level = numbers[1] if len(numbers) > 1 else defaults.per_level
+            return cls("dynamic", max_depth=depth, per_level=per_level, threshold=threshold)
+        try:
+            branching = tuple(int(p) for p in text.split(","))
+        except ValueError:
+            branching = ()
+        if not branching or any(b < 1 for b in branching):
+            raise ValueError(
+                f"bad tree {text!r}: use chain, dynamic[:DEPTH:PER_LEVEL] or children per "
+                "depth like 4,2,1 (positive integers)"
+            )
+        return cls("static", branching=branching, threshold=threshold)
+
+    def grower(self, room: int, greedy: bool, generator: torch.Generator | None):
+        if self.kind == "static":
+            return StaticTreeGrower(self.branching, room, greedy, generator)
+        if self.kind == "dynamic":
+            return DynamicTreeGrower(room, greedy, generator, self.max_depth, self.per_level)
+        return ChainGrower(room, greedy, generator, threshold=self.threshold)
+
+
+def draft_generators(params: Sequence[SamplingParams], device) -> list[torch.Generator | None]:
+    """The drafts' own random streams (seeded from the request's seed, but apart from the
+    verifier's, so drafting never shifts the request's own draws)."""
+    generators = []
+    for p in params:
+        shifted = p if p.seed is None else _with_seed(p, p.seed + 0x5EED)
+        generators.append(make_generator(shifted, device))
+    return generators
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)
+
+
+def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The draft's q [n, V]: filtered as the target samples (best acceptance), softmax for
+    greedy requests (greedy growers take the top tokens; DySpec ranks by it)."""
+    return logits.float().softmax(-1) if params.greedy else filtered_probs(logits, params)
+
+
+Column = tuple[int, int, int, int, list[int]]  # token, position, slot, visible prefix, extra
+
+
+def _step_inputs(rows: list[list[Column]], capacity: int, trash: int, device):
+    """tokens, positions, slots [B, W] and mask [B, 1, W, capacity] (built on the device:
+    a prefix of visible slots per column plus a few extra slots) for ragged columns."""
+    width = max(1, max(len(r) for r in rows))
+    extra = max(1, max((len(c[4]) for r in rows for c in r), default=1))
+    batch = len(rows)
+    tokens = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    slots = torch.full((batch, width), trash, dtype=torch.long)
+    prefix = torch.zeros(batch, width, dtype=torch.long)
+    extras = torch.full((batch, width, extra), trash, dtype=torch.long)
+    for b, columns in enumerate(rows):
+        for j, (token, position, slot, visible, more) in enumerate(columns):
+            tokens[b, j], positions[b, j], slots[b, j] = token, position, slot
+            prefix[b, j] = visible
+            extras[b, j] = torch.tensor((more + [slot] * extra)[:extra])
+    prefix, extras = prefix.to(device), extras.to(device)
+    mask = torch.arange(capacity, device=device)[None, None, :] < prefix[:, :, None]
+    mask.scatter_(2, extras, True)
+    return tokens.to(device), positions.to(device), slots.to(device), mask[:, None]
+
+
+def draft_trees(
+    forward: DraftForward,
+    cache,
+    pending: list[list[int]],
+    starts: list[int],
+    growers: list,
+    params: Sequence[SamplingParams],
+) -> list[DraftTree]:
+    """Write each row's `pending` tokens from slot `starts[b]`, then grow each row's tree
+    (rows whose grower is None only catch up). Returns one tree per row."""
+    device = cache.k[0].device
+    capacity, trash = cache.capacity, trash_slot(cache)
+    rows = [
+        [(t, s + j, s + j, s + j + 1, []) for j, t in enumerate(tokens)]
+        for tokens, s in zip(pending, starts, strict=True)
+    ]
+    logits = forward(*_step_inputs(rows, capacity, trash, device))
+    roots = [s + len(p) - 1 for p, s in zip(pending, starts, strict=True)]
+    for b, grower in enumerate(growers):
+        if grower is not None and grower.frontier() == [-1]:
+            column = logits[b, len(pending[b]) - 1 : len(pending[b])]
+            grower.extend(draft_distribution(column, params[b]))
+    while True:
+        frontiers = [[] if g is None or g.done else g.frontier() for g in growers]
+        if not any(frontiers):
+            break
+        rows = []
+        for b, nodes in enumerate(frontiers):
+            tree = growers[b].tree() if nodes else None
+            rows.append([_node_column(tree, node, roots[b]) for node in nodes])
+        logits = forward(*_step_inputs(rows, capacity, trash, device))
+        for b, nodes in enumerate(frontiers):
+            if nodes:
+                growers[b].extend(draft_distribution(logits[b, : len(nodes)], params[b]))
+    return [DraftTree.empty() if g is None else g.tree() for g in growers]
+
+
+def _node_column(tree: DraftTree, node: int, root: int) -> Column:
+    """Node `node` sits at slot root + 1 + node and RoPE position root + depth; it sees the
+    prefix up to the root, its ancestors and itself."""
+    ancestors = []
+    parent = tree.parents[node]
+    while parent >= 0:
+        ancestors.append(root + 1 + parent)
+        parent = tree.parents[parent]
+    slot = root + 1 + node
+    return (tree.tokens[node], root + tree.depth[node], slot, root + 1, ancestors + [slot])
