@@ -83,7 +83,10 @@ class ModelRunner:
             )
         capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), context)
         cache = self.cache
-        if cache is None or cache.batch != batch or cache.capacity != capacity:
+        # Reuse a cache that fits without being much larger: its CUDA graphs stay valid, so
+        # requests of varying length do not re-capture (verify steps read the capacity).
+        fits = cache is not None and capacity <= cache.capacity <= 2 * capacity
+        if not fits or cache.batch != batch or type(cache) is not KVCache:
             self.cache = None
             self._graphs.clear()  # graphs point at the old cache's memory
             self._pool = None  # a pool cannot outlive its graphs
@@ -139,7 +142,7 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V]."""
-        if not self.cuda_graphs or not isinstance(self.cache, KVCache):
+        if not self.cuda_graphs or not getattr(self.cache, "graph_safe", False):
             return self.model.decode_step(tokens, positions, self.cache)
         batch = tokens.shape[0]
         if batch not in self._graphs:

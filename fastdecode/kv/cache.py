@@ -18,6 +18,9 @@ class KVCache:
     # A decode step reads every slot 0..position, so the fused decode kernel (RoPE + store +
     # attention in one launch) may stand in for `store_and_attend`.
     dense_reads = True
+    # A decode step has static shapes and no host syncs: the runner may capture it as a
+    # CUDA graph (caches whose step syncs with the host, like ShadowKV's, say False).
+    graph_safe = True
 
     def __init__(
         self,

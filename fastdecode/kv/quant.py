@@ -78,6 +78,7 @@ class QuantSpec:
 
 
 class QuantKVCache:
+    graph_safe = True  # flushes write whole groups on the device (a trash group): no sync
     dense_reads = False  # the fused dense decode kernel cannot read packed codes
 
     def __init__(

@@ -89,6 +89,7 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
 
 
 class ShadowKVCache:
+    graph_safe = False  # the chosen chunks' values come from the host each step
     dense_reads = False  # decode steps read a subset: no fused dense decode kernel
 
     def __init__(

@@ -16,6 +16,7 @@ from fastdecode.kv.policies.quest import QuestPolicy
 from fastdecode.kv.policies.shadowkv import ShadowKVPolicy
 from fastdecode.kv.policies.snapkv import SnapKVPolicy
 from fastdecode.kv.policies.streaming import StreamingPolicy
+from fastdecode.kv.policies.streaming_read import StreamingReadPolicy
 from fastdecode.kv.policies.tidal import TidalPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {
@@ -27,6 +28,7 @@ POLICIES: dict[str, type[KVPolicy]] = {
     # sparse retrieval (storage = "select"): keep everything, read a subset per step
     "quest": QuestPolicy,
     "tidal": TidalPolicy,
+    "streaming_read": StreamingReadPolicy,
     # low-rank keys + CPU values, sparse reconstruction (storage = "shadow"); LOSSY
     "shadowkv": ShadowKVPolicy,
     # packed 2/4-bit KV, recent window + salient tokens in fp (storage = "quant"); LOSSY
