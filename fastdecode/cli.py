@@ -76,6 +76,15 @@ class _HelpFormatter(argparse.HelpFormatter):
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """An argument's help with line breaks: each line wrapped on its own."""
+        if "\n" not in text:
+            return super()._split_lines(text, width)
+        lines: list[str] = []
+        for line in text.splitlines():
+            lines += super()._split_lines(line, width)
+        return lines
+
 
 def _eprint(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
@@ -183,27 +192,89 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     )
     e = p.add_argument_group("engine")
     add_device_dtype(e)
-    sd = p.add_argument_group("speculative decoding")
+    sd = p.add_argument_group(
+        "speculative decoding",
+        "A drafter proposes tokens and the model verifies them in one forward pass; greedy "
+        "output is identical to plain decoding and sampling keeps the model's distribution. "
+        "Flags marked with a method apply to that method only.",
+    )
     sd.add_argument(
         "--spec",
         default=None,
         metavar="METHOD",
-        help="decode speculatively with this drafter (ngram: prompt lookup; suffix: "
-        "SuffixDecoding trees; stand: STAND stochastic n-grams; an unknown name lists the "
-        "registry); the output is the same as without it, only faster when drafts are "
-        "accepted (default: off)",
+        help="decode speculatively with this drafter (default: off); an unknown name lists "
+        "them. Model-free drafters cost next to nothing and pay when the output repeats text:\n"
+        "ngram: prompt lookup, the last n tokens matched in prompt + output (edits, quotes)\n"
+        "suffix: SuffixDecoding trees over this request and earlier outputs (agent loops)\n"
+        "stand: STAND stochastic n-grams with logit statistics: pays when sampling (-t > 0)\n"
+        "Model drafters cost a forward per draft token and pay on new but predictable text:\n"
+        "draft:MODEL: a small model with the same tokenizer, much cheaper than the target\n"
+        "layerskip: the model skipping layers (--skip-layers): no second model to hold\n"
+        "triforce: the model over a sparse KV read (--sparse-*): pays on long contexts",
     )
     sd.add_argument(
         "--num-draft-tokens",
         type=int,
-        default=4,
+        default=None,
         metavar="K",
-        help="most draft tokens the target verifies per step, >= 0 (default: 4)",
+        help="most draft tokens (tree nodes) the model verifies per step, >= 0; 0 drafts "
+        "nothing (default: 4)",
+    )
+    sd.add_argument(
+        "--draft-length",
+        default=None,
+        metavar="fixed|feedback|goodput",
+        help="how K is chosen per request and step: fixed: always K; feedback: follows "
+        "recent acceptance (DiffuSpec), longer after full acceptance, shorter after "
+        "rejections; goodput: SmartSpec's batch-aware rule, predicts step time from "
+        "measured timings and picks the K with the most tokens/s, down to K=0 (plain "
+        "decoding) when the batch is large enough that verification stops being nearly "
+        "free (default: fixed)",
+    )
+    sd.add_argument(
+        "--tree",
+        default=None,
+        metavar="SHAPE",
+        help="draft-model, layerskip (triforce: chain only): the shape of the drafts: "
+        'chain (default); a static tree, children per depth, e.g. "4,2,1" (SpecInfer/'
+        "Sequoia); or dynamic[:DEPTH:PER_LEVEL], grown greedily by draft probability under "
+        "the --num-draft-tokens node budget (DySpec). Model-free drafters shape their own",
+    )
+    sd.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="model drafters, chains: stop drafting once the draft's probability of its "
+        "token falls below P, in [0, 1) (SpecDec++/Kangaroo early exit, BiLD's fallback); "
+        "0 never stops early (default: 0)",
+    )
+    sd.add_argument(
+        "--skip-layers",
+        default=None,
+        metavar="L1,L2,...",
+        help="layerskip: the layer ids (from 0) the draft skips, e.g. 2,4,6 (default: every "
+        "second layer of the middle, the first two and last two kept)",
+    )
+    sd.add_argument(
+        "--sparse-policy",
+        default=None,
+        metavar="NAME",
+        help="triforce: how the draft reads the KV cache: streaming_read (attention sinks + "
+        "recent window), quest (query-aware pages) or tidal (TidalDecode token selection) "
+        "(default: streaming_read)",
+    )
+    sd.add_argument(
+        "--sparse-budget",
+        default=None,
+        metavar="B",
+        help="triforce: how much of the cache the draft reads: a fraction of the context "
+        "(0 < B <= 1, e.g. 1/16 or 0.0625) or a number of positions (> 1) (default: 1/16)",
     )
     sd.add_argument(
         "--prompt-lookup-max",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
         help="ngram: longest n-gram to match in the prompt and output (default: 4)",
     )
@@ -222,47 +293,174 @@ def _read_prompt(arg: str) -> str:
     return text.rstrip("\n") if arg == "-" else text
 
 
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _acceptance(rates, most: int = 8) -> str:
+    """Per draft position: "0.82/0.61/0.40" (the first `most`, then "/...")."""
+    text = "/".join(f"{r:.2f}" for r in rates[:most])
+    return text + ("/..." if len(rates) > most else "")
+
+
 def _format_stats(result) -> str:
     m = result.metrics
     n = int(m.get("completion_tokens", len(result.token_ids)))
     rate = m.get("decode_tokens_per_s", 0.0) if n > 1 else m.get("tokens_per_s", 0.0)
-    ttft = m.get("ttft_s", 0.0)
-    ttft_text = f"{ttft * 1000:.0f} ms" if ttft < 1 else f"{ttft:.2f} s"
     spec = ""
     if "tau" in m:  # speculative decoding: tokens per target step, draft acceptance
         proposed = int(m.get("draft_tokens", 0))
         accepted = int(m.get("accepted_tokens", 0))
-        spec = f"τ {m['tau']:.2f} tokens/step, accepted {accepted}/{proposed} drafts | "
+        spec = f"τ {m['tau']:.2f} tokens/step, accepted {accepted}/{proposed} drafts"
+        if m.get("acceptance_per_position"):
+            spec += f", acc {_acceptance(m['acceptance_per_position'])}"
+        spec += " | "
+        if "draft_s" in m or "verify_s" in m:
+            spec += (
+                f"draft {_seconds(m.get('draft_s', 0.0))}, "
+                f"verify {_seconds(m.get('verify_s', 0.0))} | "
+            )
     return (
         f"[{n} token{'' if n == 1 else 's'} in {m.get('total_s', 0.0):.2f} s | "
         f"{rate:.1f} tok/s decode | {spec}"
-        f"TTFT {ttft_text} | prompt {int(m.get('prompt_tokens', 0))} tokens | "
-        f"finish: {result.finish_reason}]"
+        f"TTFT {_seconds(m.get('ttft_s', 0.0))} | prompt {int(m.get('prompt_tokens', 0))} "
+        f"tokens | finish: {result.finish_reason}]"
     )
 
 
-def _speculative_config(args: argparse.Namespace):
-    """The SpeculativeConfig that --spec asks for (None without --spec); checked before a
-    model is loaded."""
-    if args.spec is None:
-        return None
-    from fastdecode.spec.config import SpeculativeConfig
+# Speculative flags: (argparse dest, flag, the methods it applies to; None: every method).
+# "draft:NAME" counts as draft_model.
+_MODEL_DRAFTERS = ("draft_model", "layerskip", "triforce")  # fastdecode.spec.config, no torch
+_SPEC_FLAGS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("num_draft_tokens", "--num-draft-tokens", None),
+    ("draft_length", "--draft-length", None),
+    ("tree", "--tree", _MODEL_DRAFTERS),
+    ("confidence_threshold", "--confidence-threshold", _MODEL_DRAFTERS),
+    ("skip_layers", "--skip-layers", ("layerskip",)),
+    ("sparse_policy", "--sparse-policy", ("triforce",)),
+    ("sparse_budget", "--sparse-budget", ("triforce",)),
+    ("prompt_lookup_max", "--prompt-lookup-max", ("ngram",)),
+)
 
+# Config error messages -> the flag that caused them: (text in the message, flag, rewrite),
+# where rewrite "name" replaces the field name by the flag and "prefix" puts "FLAG: " first.
+_SPEC_ERRORS = (
+    ("num_draft_tokens", "--num-draft-tokens", "name"),
+    ("confidence_threshold", "--confidence-threshold", "name"),
+    ("unknown drafter", "--spec", "prefix"),
+    ("draft_model needs a draft model", "--spec", "prefix"),
+    ("has a different tokenizer than the target", "--spec", "prefix"),
+    ("max_ngram", "--prompt-lookup-max", "prefix"),
+    ("draft length policy", "--draft-length", "prefix"),
+    ("bad tree", "--tree", "prefix"),
+    ("tree shapes are for", "--tree", "prefix"),
+    ("triforce drafts chains", "--tree", "prefix"),
+    ("layerskip: skip", "--skip-layers", "prefix"),
+    ("KV policy", "--sparse-policy", "prefix"),
+    ("KV budget", "--sparse-budget", "prefix"),
+)
+
+
+def _spec_error(message: str) -> str:
+    """A SpeculativeConfig / drafter ValueError, reworded to name the CLI flag."""
+    for text, flag, how in _SPEC_ERRORS:
+        if text not in message or flag in message:
+            continue
+        if how == "name":
+            return message.replace(text, flag)
+        return f"{flag}: {message.removeprefix('layerskip: ')}"
+    return message
+
+
+def _parse_skip_layers(text: str) -> list[int]:
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        layers = []
+    if not layers or any(i < 0 for i in layers):
+        raise UserError(
+            f"--skip-layers: expected layer ids >= 0 separated by commas, e.g. 2,4,6; got {text!r}"
+        )
+    return layers
+
+
+def _parse_sparse_budget(text: str) -> float:
+    from fractions import Fraction
+
+    try:
+        value = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        value = Fraction(0)
+    if value <= 0 or (value > 1 and value.denominator != 1):
+        raise UserError(
+            f"--sparse-budget: expected a fraction of the context in (0, 1] (1/16, 0.0625) "
+            f"or a whole number of positions (512); got {text!r}"
+        )
+    return float(value)
+
+
+def _check_sparse_policy(name: str) -> str:
+    """Triforce drafts through a read policy: one that keeps the whole cache and reads a
+    subset each step (a draft over an evicted cache could not be verified)."""
+    from fastdecode.kv.policies import POLICIES
+    from fastdecode.kv.policies.base import ReadPolicy
+
+    readers = sorted(n for n, cls in POLICIES.items() if issubclass(cls, ReadPolicy))
+    if name not in readers:
+        raise UserError(
+            f"--sparse-policy: {name!r} is not a sparse-read KV policy; known: "
+            + ", ".join(readers)
+        )
+    return name
+
+
+def _speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig that --spec and its flags ask for (None without --spec);
+    checked before a model is loaded."""
+    given = [
+        (flag, methods) for dest, flag, methods in _SPEC_FLAGS if getattr(args, dest) is not None
+    ]
+    if args.spec is None:
+        if given:
+            raise UserError(f"{given[0][0]} needs --spec METHOD (speculative decoding is off)")
+        return None
+    if args.spec == "draft:":
+        raise UserError("--spec draft:MODEL needs the draft model's name or path after 'draft:'")
+    from fastdecode.spec.config import MODEL_DRAFTERS, SpeculativeConfig
+    from fastdecode.spec.drafters import DRAFTERS
+
+    method = "draft_model" if args.spec.startswith("draft:") else args.spec
+    if method in DRAFTERS or method in MODEL_DRAFTERS:  # an unknown one: the config says so
+        for flag, methods in given:
+            if methods is not None and method not in methods:
+                names = ", ".join("draft:MODEL" if m == "draft_model" else m for m in methods)
+                raise UserError(f"{flag} applies to --spec {names}, not to --spec {args.spec}")
+    if args.confidence_threshold is not None and args.tree not in (None, "chain"):
+        raise UserError(
+            f"--confidence-threshold stops chains early; it does not apply to --tree {args.tree}"
+        )
+    drafter_kwargs: dict[str, object] = {}
+    if args.skip_layers is not None:
+        drafter_kwargs["skip"] = _parse_skip_layers(args.skip_layers)
+    if args.sparse_policy is not None:
+        drafter_kwargs["policy"] = _check_sparse_policy(args.sparse_policy)
+    if args.sparse_budget is not None:
+        drafter_kwargs["budget"] = _parse_sparse_budget(args.sparse_budget)
+    options = {
+        "num_draft_tokens": args.num_draft_tokens,
+        "max_ngram": args.prompt_lookup_max,
+        "tree": args.tree,
+        "confidence_threshold": args.confidence_threshold,
+        "draft_length": args.draft_length,
+    }
     try:
         return SpeculativeConfig(
             method=args.spec,
-            num_draft_tokens=args.num_draft_tokens,
-            max_ngram=args.prompt_lookup_max,
+            drafter_kwargs=drafter_kwargs,
+            **{k: v for k, v in options.items() if v is not None},
         )
     except ValueError as exc:
-        message = str(exc)
-        for name, flag in (("num_draft_tokens", "--num-draft-tokens"),):
-            message = message.replace(name, flag)
-        if message.startswith("unknown drafter"):
-            message = "--spec: " + message
-        elif "max_ngram" in message:
-            message = f"--prompt-lookup-max: {message}"
-        raise UserError(message) from None
+        raise UserError(_spec_error(str(exc))) from None
 
 
 @command(
@@ -278,7 +476,15 @@ def _speculative_config(args: argparse.Namespace):
     '  echo "Q: What is 2+2? A:" | fastdecode generate --no-chat-template --stop Q: -\n'
     '  fastdecode generate --model ./model.gguf --device cuda --dtype bfloat16 "Hi"\n'
     '  fastdecode generate --spec ngram --num-draft-tokens 4 "Repeat: a, b, c, a, b, c"\n'
-    '  fastdecode generate --spec suffix -t 0 "Repeat: a, b, c, a, b, c"',
+    '  fastdecode generate --spec suffix -t 0 "Repeat: a, b, c, a, b, c"\n'
+    '  fastdecode generate --spec stand -t 0.7 "List ten fruits, comma separated."\n'
+    "  fastdecode generate -m qwen2.5-coder-1.5b-instruct \\\n"
+    '      --spec draft:qwen2.5-coder-0.5b-instruct --tree 4,2,1 "Write quicksort."\n'
+    '  fastdecode generate --spec layerskip --tree dynamic:6:4 --num-draft-tokens 16 "Hi"\n'
+    '  fastdecode generate --spec layerskip --skip-layers 4,6,8,10 --draft-length feedback "Hi"\n'
+    '  fastdecode generate --spec layerskip --confidence-threshold 0.4 "Hi"\n'
+    "  fastdecode generate --spec triforce --sparse-policy quest --sparse-budget 1/16 - < doc.txt\n"
+    '  fastdecode generate --spec ngram --draft-length goodput "..."  # K=0 when not worth it',
 )
 def run_generate(args: argparse.Namespace) -> int:
     from fastdecode.params import SamplingParams  # no torch: check before loading a model
@@ -332,6 +538,10 @@ def run_generate(args: argparse.Namespace) -> int:
         except StopIteration as stop:
             result = stop.value
             break
+        except ValueError as exc:  # a drafter checked against the model: name the flag
+            if spec is None:
+                raise
+            raise UserError(_spec_error(str(exc))) from None
         sys.stdout.write(piece)
         sys.stdout.flush()
         last = piece or last

@@ -319,3 +319,259 @@ def test_generate_end_to_end_default_model() -> None:
     stats = proc.stderr.strip().splitlines()[-1]
     assert "tokens in" in stats and "tok/s" in stats and "TTFT" in stats and "finish:" in stats
     assert "Traceback" not in proc.stderr
+
+
+# -- speculative decoding flags ------------------------------------------------------------------
+SPEC_METHODS = ("ngram", "suffix", "stand", "draft:MODEL", "layerskip", "triforce")
+SPEC_FLAGS = (
+    "--spec",
+    "--num-draft-tokens",
+    "--draft-length",
+    "--tree",
+    "--confidence-threshold",
+    "--skip-layers",
+    "--sparse-policy",
+    "--sparse-budget",
+    "--prompt-lookup-max",
+)
+
+
+def spec_config(*flags: str):
+    """The SpeculativeConfig `fastdecode generate FLAGS hi` would pass to the LLM."""
+    args = cli.build_parser().parse_args(["generate", *flags, "hi"])
+    return cli._speculative_config(args)
+
+
+def test_generate_help_documents_spec_methods_and_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in SPEC_FLAGS:
+        assert flag in out
+    section = out[out.index("--spec METHOD") :]
+    for method in SPEC_METHODS:
+        assert f"{method}:" in section, method
+    for policy in ("fixed", "feedback", "goodput", "SmartSpec", "K=0"):
+        assert policy in section
+    for policy in ("streaming_read", "quest", "tidal", "dynamic[:DEPTH:PER_LEVEL]"):
+        assert policy in section
+    examples = out[out.index("examples:") :]
+    for method in ("layerskip", "triforce", "draft:", "--tree", "--draft-length goodput"):
+        assert method in examples
+
+
+def test_cli_model_drafters_match_the_config() -> None:
+    from fastdecode.spec.config import MODEL_DRAFTERS
+
+    assert set(cli._MODEL_DRAFTERS) == set(MODEL_DRAFTERS)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], None),
+        (
+            ["--spec", "ngram"],
+            {"method": "ngram", "num_draft_tokens": 4, "max_ngram": 4, "tree": None},
+        ),
+        (
+            ["--spec", "ngram", "--prompt-lookup-max", "3", "--draft-length", "feedback"],
+            {"max_ngram": 3, "draft_length": "feedback"},
+        ),
+        (
+            ["--spec", "suffix", "--num-draft-tokens", "0", "--draft-length", "goodput"],
+            {"method": "suffix", "num_draft_tokens": 0, "draft_length": "goodput"},
+        ),
+        (
+            ["--spec", "layerskip", "--skip-layers", "2,4,6", "--tree", "dynamic:6:4"],
+            {"method": "layerskip", "drafter_kwargs": {"skip": [2, 4, 6]}, "tree": "dynamic:6:4"},
+        ),
+        (
+            ["--spec", "layerskip", "--tree", "chain", "--confidence-threshold", "0.4"],
+            {"tree": "chain", "confidence_threshold": 0.4, "drafter_kwargs": {}},
+        ),
+        (
+            ["--spec", "draft:some/model", "--tree", "4,2,1", "--num-draft-tokens", "16"],
+            {
+                "method": "draft_model",
+                "drafter_kwargs": {"model": "some/model"},
+                "tree": "4,2,1",
+                "num_draft_tokens": 16,
+            },
+        ),
+        (
+            ["--spec", "triforce", "--sparse-policy", "quest", "--sparse-budget", "1/16"],
+            {"method": "triforce", "drafter_kwargs": {"policy": "quest", "budget": 0.0625}},
+        ),
+        (
+            ["--spec", "triforce", "--sparse-budget", "512", "--confidence-threshold", "0.2"],
+            {"drafter_kwargs": {"budget": 512.0}, "confidence_threshold": 0.2},
+        ),
+    ],
+)
+def test_spec_flags_map_to_config(flags: list[str], expected: dict | None) -> None:
+    config = spec_config(*flags)
+    if expected is None:
+        assert config is None
+        return
+    for name, value in expected.items():
+        assert getattr(config, name) == value, name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # spec flags without --spec
+        (["--tree", "4,2"], "--tree needs --spec METHOD"),
+        (["--num-draft-tokens", "2"], "--num-draft-tokens needs --spec"),
+        # flags for another method
+        (["--spec", "ngram", "--tree", "4,2"], "--tree applies to --spec draft:MODEL, layerskip"),
+        (["--spec", "suffix", "--confidence-threshold", "0.5"], "not to --spec suffix"),
+        (["--spec", "ngram", "--skip-layers", "2"], "--skip-layers applies to --spec layerskip"),
+        (["--spec", "layerskip", "--sparse-policy", "quest"], "--sparse-policy applies to"),
+        (["--spec", "draft:m", "--sparse-budget", "0.1"], "not to --spec draft:m"),
+        (["--spec", "stand", "--prompt-lookup-max", "3"], "--prompt-lookup-max applies to"),
+        (
+            ["--spec", "layerskip", "--tree", "4,2", "--confidence-threshold", "0.3"],
+            "--confidence-threshold stops chains early; it does not apply to --tree 4,2",
+        ),
+        # bad values: the config's errors, naming the flag
+        (["--spec", "nope", "--tree", "2"], "--spec: unknown drafter 'nope'"),
+        (["--spec", "draft:"], "--spec draft:MODEL needs"),
+        (["--spec", "ngram", "--num-draft-tokens", "-1"], "--num-draft-tokens must be"),
+        (["--spec", "ngram", "--prompt-lookup-max", "0"], "--prompt-lookup-max: "),
+        (["--spec", "ngram", "--draft-length", "nope"], "--draft-length: unknown draft length"),
+        (["--spec", "layerskip", "--tree", "4,x"], "--tree: bad tree '4,x'"),
+        (["--spec", "layerskip", "--tree", "dynamic:0"], "--tree: bad tree 'dynamic:0'"),
+        (["--spec", "triforce", "--tree", "2,2"], "--tree: triforce drafts chains"),
+        (["--spec", "layerskip", "--confidence-threshold", "1"], "--confidence-threshold must"),
+        (["--spec", "layerskip", "--skip-layers", "2,x"], "--skip-layers: expected layer ids"),
+        (["--spec", "layerskip", "--skip-layers", "-1"], "--skip-layers: expected layer ids"),
+        (["--spec", "triforce", "--sparse-policy", "snapkv"], "--sparse-policy: 'snapkv' is not"),
+        (["--spec", "triforce", "--sparse-budget", "0"], "--sparse-budget: expected a fraction"),
+        (["--spec", "triforce", "--sparse-budget", "1.5"], "--sparse-budget: expected"),
+        (["--spec", "triforce", "--sparse-budget", "1/0"], "--sparse-budget: expected"),
+    ],
+)
+def test_spec_flag_errors_before_loading(
+    flags: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import fastdecode.api
+
+    def no_load(*a, **kw):
+        raise AssertionError("bad arguments must be rejected before loading a model")
+
+    monkeypatch.setattr(fastdecode.api, "LLM", no_load)
+    assert run_main(["generate", *flags, "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+class SpecFakeLLM(FakeLLM):
+    """FakeLLM that keeps the speculative config and, if told, fails like a model drafter
+    checked against the loaded model."""
+
+    fail: str | None = None
+
+    def __init__(self, model, *, speculative_config=None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.spec = speculative_config
+
+    def stream(self, prompt, params, *, chat_template=None):
+        if SpecFakeLLM.fail:
+            raise ValueError(SpecFakeLLM.fail)
+        return (yield from super().stream(prompt, params, chat_template=chat_template))
+
+
+@pytest.fixture
+def spec_llm(monkeypatch: pytest.MonkeyPatch):
+    import fastdecode.api
+
+    monkeypatch.setattr(fastdecode.api, "LLM", SpecFakeLLM)
+    monkeypatch.setattr(SpecFakeLLM, "fail", None)
+    return SpecFakeLLM
+
+
+def test_generate_passes_spec_config_to_llm(spec_llm, capsys) -> None:
+    argv = ["generate", "-q", "--spec", "layerskip", "--skip-layers", "3,5", "--tree", "2,1"]
+    assert run_main([*argv, "--draft-length", "goodput", "hi"]) == 0
+    spec = spec_llm.last.spec
+    assert (spec.method, spec.drafter_kwargs, spec.tree) == ("layerskip", {"skip": [3, 5]}, "2,1")
+    assert spec.draft_length == "goodput"
+    assert capsys.readouterr().out == "The capital is Paris.\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "flag"),
+    [
+        ("layerskip: skip must name layers 0..29 and keep at least one, got [99]", "--skip-layers"),
+        ("KV budget of 900 positions is larger than the context (40 positions", "--sparse-budget"),
+        ("draft model 'x' has a different tokenizer than the target (5 vs 7 tokens)", "--spec"),
+    ],
+)
+def test_drafter_errors_after_loading_name_the_flag(spec_llm, capsys, error, flag) -> None:
+    spec_llm.fail = error
+    assert run_main(["generate", "--spec", "layerskip", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {flag}: ") and error.removeprefix("layerskip: ") in err
+
+
+def test_stats_line_speculative() -> None:
+    metrics = {
+        "completion_tokens": 9,
+        "total_s": 1.5,
+        "decode_tokens_per_s": 6.0,
+        "ttft_s": 0.02,
+        "prompt_tokens": 5,
+        "tau": 2.25,
+        "draft_tokens": 12,
+        "accepted_tokens": 5,
+        "acceptance_per_position": [0.8214, 0.61, 0.4],
+        "draft_s": 0.0421,
+        "verify_s": 1.25,
+    }
+    line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", metrics))
+    assert line == (
+        "[9 tokens in 1.50 s | 6.0 tok/s decode | τ 2.25 tokens/step, accepted 5/12 drafts, "
+        "acc 0.82/0.61/0.40 | draft 42 ms, verify 1.25 s | TTFT 20 ms | prompt 5 tokens | "
+        "finish: length]"
+    )
+    long = dict(metrics, acceptance_per_position=[0.5] * 12)
+    line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", long))
+    assert "acc " + "/".join(["0.50"] * 8) + "/... |" in line
+    none = dict(metrics, acceptance_per_position=[])  # K = 0 throughout: no drafts
+    line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", none))
+    assert "accepted 5/12 drafts | draft 42 ms" in line and "acc " not in line
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_layerskip() -> None:
+    """Self-speculation on the real default model: the statistics line shows τ, the
+    per-position acceptance and the draft vs verify time."""
+    import re
+
+    proc = run_cli(
+        "generate",
+        "--spec",
+        "layerskip",
+        "--skip-layers",
+        "12,16,20",
+        "-n",
+        "8",
+        "--no-chat-template",
+        "1, 2, 3, 4, 5, 6, 7, 8,",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "9, 10" in proc.stdout, (proc.stdout, proc.stderr)  # greedy: lossless
+    stats = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"τ \d+\.\d\d tokens/step, accepted \d+/\d+ drafts", stats), stats
+    assert re.search(r"acc \d\.\d\d(/\d\.\d\d)*", stats), stats
+    assert re.search(r"draft \d+(\.\d+)? m?s, verify \d+(\.\d+)? m?s", stats), stats
+    assert "Traceback" not in proc.stderr
