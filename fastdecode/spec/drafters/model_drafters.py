@@ -8,10 +8,42 @@ from typing import Any
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.spec.drafters.draft_model import DraftModelDrafter, check_same_tokenizer
-from fastdecode.spec.drafters.self_draft import SelfDrafter, default_skip
+from fastdecode.spec.drafters.self_draft import SelfDrafter, choose_skip
 from fastdecode.spec.drafters.tree_drafting import TreeShape
 
 TRIFORCE_DEFAULT_BUDGET = 1 / 16
+# Loaded draft models by (name, device, dtype, graphs): a second config naming the same draft
+# reuses its weights, compiled kernels and CUDA graphs instead of loading it again.
+_DRAFTS: dict[tuple, tuple[ModelRunner, Any]] = {}
+
+
+def _load_draft(name: str, runner: ModelRunner) -> tuple[ModelRunner, Any]:
+    model = runner.model
+    key = (name, str(model.device), model.dtype, runner.cuda_graphs)
+    if key not in _DRAFTS:
+        from fastdecode.model.load import load_model
+
+        loaded = load_model(name, dtype=model.dtype, device=model.device, progress=False)
+        _DRAFTS[key] = (ModelRunner(loaded.model, cuda_graphs=runner.cuda_graphs), loaded.tokenizer)
+    return _DRAFTS[key]
+
+
+# Calibration text for layerskip's default skip set: prose and code, like the workloads.
+_CALIBRATION = (
+    "The quick brown fox jumps over the lazy dog. Speculative decoding drafts tokens cheaply "
+    "and verifies them in one pass of the large model.\n\n"
+    "def fibonacci(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n"
+    "        a, b = b, a + b\n    return a\n\nQuestion: what is 12 times 7? Answer: 84."
+)
+_SKIPS: dict[int, list[int]] = {}
+
+
+def _default_skip(runner: ModelRunner, tokenizer) -> list[int]:
+    """The layers that change the residual stream least on a fixed calibration text."""
+    key = id(runner.model)
+    if key not in _SKIPS:
+        _SKIPS[key] = choose_skip(runner.model, tokenizer.encode(_CALIBRATION))
+    return _SKIPS[key]
 
 
 def build_model_drafter(config, runner: ModelRunner, tokenizer, shared: dict[str, Any]):
@@ -20,12 +52,9 @@ def build_model_drafter(config, runner: ModelRunner, tokenizer, shared: dict[str
     if config.method == "draft_model":
         name = str(kwargs["model"])
         if shared.get("draft_name") != name:
-            from fastdecode.model.load import load_model
-
-            model = runner.model
-            loaded = load_model(name, dtype=model.dtype, device=model.device, progress=False)
-            check_same_tokenizer(loaded.tokenizer, tokenizer, name)
-            shared["draft_runner"] = ModelRunner(loaded.model, cuda_graphs=runner.cuda_graphs)
+            draft_runner, draft_tokenizer = _load_draft(name, runner)
+            check_same_tokenizer(draft_tokenizer, tokenizer, name)
+            shared["draft_runner"] = draft_runner
             shared["draft_name"] = name
             shared.pop("drafter", None)
         drafter = shared.get("drafter")
@@ -40,7 +69,7 @@ def build_model_drafter(config, runner: ModelRunner, tokenizer, shared: dict[str
     num_layers = runner.model.config.num_layers
     if config.method == "layerskip":
         skip = kwargs.get("skip")
-        skip = default_skip(num_layers) if skip is None else [int(i) for i in skip]
+        skip = _default_skip(runner, tokenizer) if skip is None else [int(i) for i in skip]
         bad = [i for i in skip if not 0 <= i < num_layers]
         if bad or len(set(skip)) >= num_layers:
             raise ValueError(

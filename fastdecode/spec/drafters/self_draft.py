@@ -16,16 +16,50 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
+
 from fastdecode.engine.graphed import GraphedForward
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.kv.policies import KVPolicyConfig
+from fastdecode.kv.step import StepContext
+from fastdecode.model.layers import decoder_layer
 from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
 from fastdecode.spec.tree import DraftTree
 
+SKIP_FRACTION = 0.35
 
-def default_skip(num_layers: int) -> list[int]:
-    """Every second layer of the middle (first two and last two kept): about half the work."""
-    return list(range(2, num_layers - 2, 2))
+
+@torch.inference_mode()
+def layer_redundancy(model, tokens: Sequence[int]) -> list[float]:
+    """Per layer, 1 - cos(input, output) of its residual stream over `tokens`: how little the
+    layer changes the hidden state (Gromov et al. 2024, "The Unreasonable Ineffectiveness of
+    the Deeper Layers": such layers can go with little loss). Lower = more redundant."""
+    device = model.device
+    length = len(tokens)
+    cache = model.new_cache(1, length)
+    ids = torch.tensor([list(tokens)], device=device)
+    positions = torch.arange(length, device=device)[None]
+    step = StepContext(
+        positions, positions, torch.zeros_like(positions), None, prefill=True,
+        prompt_lengths=torch.tensor([length], device=device),
+    )  # fmt: skip
+    cos, sin = model.cos[positions].unsqueeze(1), model.sin[positions].unsqueeze(1)
+    x = F.embedding(ids, model.embed)
+    scores = []
+    for i, weights in enumerate(model.layers):
+        y = decoder_layer(model.layer_fns, x, weights, cos, sin, cache, i, step)
+        scores.append(1.0 - F.cosine_similarity(x.float(), y.float(), dim=-1).mean().item())
+        x = y
+    return scores
+
+
+def choose_skip(model, tokens: Sequence[int], fraction: float = SKIP_FRACTION) -> list[int]:
+    """The `fraction` of layers that change the residual stream least on `tokens` (the first
+    two and the last two always run: they move it most)."""
+    scores = layer_redundancy(model, tokens)
+    candidates = sorted(range(2, len(scores) - 2), key=lambda i: scores[i])
+    return sorted(candidates[: int(fraction * len(scores))])
 
 
 class SelfDrafter:
