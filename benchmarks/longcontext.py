@@ -1,0 +1,290 @@
+"""Long-context decode speed and memory of the KV policies against our full attention and HF
+`generate`, same prompts, same card (the quality side is `fastdecode bench longcontext`).
+
+For each context L and batch B: B windows of L - new_tokens essay tokens are prefilled (TTFT
+reported on its own), then `new_tokens` are decoded greedily (EOS ignored). Rows: time per
+output step including each policy's selection work, decode tok/s, speedup over full
+attention, KV bytes held (the cache's own accounting, and the allocator's growth while the
+cache was built), peak memory during decoding, and the largest batch that fits at L from the
+measured bytes per row. `triforce` rows are lossless sparse self-speculation (the target
+drafts through a sparse read of its own cache, verifies with the full one): they report tau
+and whether the output equals full attention's.
+
+    python benchmarks/longcontext.py --out benchmarks/results                 # GPU
+    python benchmarks/longcontext.py --model smollm2-135m-instruct --contexts 1024 \\
+        --batches 1 2 --new-tokens 8 --no-hf --out /tmp/lc                     # CPU smoke
+
+Each row is measured on its own (an OOM or error is recorded and the run goes on); the report
+is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fastdecode import LLM  # noqa: E402
+from fastdecode.bench.report import meta  # noqa: E402
+from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
+from fastdecode.engine.runner import ModelRunner  # noqa: E402
+from fastdecode.engine.speculative import SpecTiming, run_speculative  # noqa: E402
+from fastdecode.engine.stopping import RequestState  # noqa: E402
+from fastdecode.kv.policies import KVPolicyConfig  # noqa: E402
+from fastdecode.params import SamplingParams  # noqa: E402
+from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
+
+ESSAYS = ROOT.parent / "shared" / "data" / "paulgraham"
+CUDA = torch.cuda.is_available()
+
+# name -> (kv policy or None, budget, speculative drafter options or None)
+METHODS: dict[str, tuple[str | None, float, dict | None]] = {
+    "full": (None, 1.0, None),
+    "quest": ("quest", 1 / 16, None),
+    "tidal": ("tidal", 1 / 16, None),
+    "streaming_read": ("streaming_read", 1 / 16, None),
+    "snapkv": ("snapkv", 1 / 16, None),
+    "streaming_1/8": ("streaming", 1 / 8, None),
+    "cake": ("cake", 1 / 16, None),
+    "quant2": ("quant", 1.0, None),
+    "triforce_streaming": (None, 1.0, {"policy": "streaming_read", "budget": 1 / 16}),
+    "triforce_quest": (None, 1.0, {"policy": "quest", "budget": 1 / 16}),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def essay_tokens(tokenizer, essays: Path) -> list[int]:
+    text = "\n\n".join(p.read_text() for p in sorted(essays.glob("*.txt")))
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def make_prompts(ids: list[int], batch: int, length: int) -> list[list[int]]:
+    """`batch` different windows of `length` tokens (wrapping around the essays)."""
+    stride = max(1, (len(ids) - length) // max(1, batch)) if len(ids) > length else 1
+    doubled = ids * (length // max(1, len(ids)) + 2)
+    return [doubled[i * stride : i * stride + length] for i in range(batch)]
+
+
+def _memory() -> tuple[int, int]:
+    if not CUDA:
+        return 0, 0
+    return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+
+
+def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs) -> dict:
+    policy_name, budget, triforce = METHODS[method]
+    kv_policy = None
+    if policy_name is not None:
+        options = {"bits": 2} if policy_name == "quant" else {}
+        kv_policy = KVPolicyConfig(policy_name, budget, options)
+    runner = ModelRunner(model, compile=False, kv_policy=kv_policy)  # compiled once, in main
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    states = [RequestState(params, frozenset(), tokenizer) for _ in prompts]
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before, _ = _memory()
+    if triforce is None:
+        timing = BatchTiming()
+        steps = run_batch(runner, prompts, states, timing, check_every=new_tokens)
+    else:
+        spec = SpeculativeConfig("triforce", num_draft_tokens=4, drafter_kwargs=triforce)
+        drafter = spec.batch_drafter(runner, tokenizer, len(prompts))
+        timing = SpecTiming()
+        steps = run_speculative(runner, prompts, states, timing, drafter, 4)
+    next(steps)  # prefill done: the cache holds the (compressed) prompt
+    sync()
+    kv_alloc, prefill_peak = _memory()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in steps:
+        pass
+    sync()
+    _, decode_peak = _memory()
+    batch = len(prompts)
+    emitted = sum(len(s.token_ids) for s in states)
+    decode_s = timing.decode_s
+    row = {
+        "ttft_ms": round(timing.prefill_s * 1e3, 1),
+        "decode_s": round(decode_s, 4),
+        "ms_per_output_step": round(decode_s / max(1, new_tokens - 1) * 1e3, 3),
+        "decode_tokens_per_s": round((emitted - batch) / decode_s, 1) if decode_s else None,
+        "kv_bytes": runner.cache.nbytes() if hasattr(runner.cache, "nbytes") else None,
+        "allocated_growth_bytes": kv_alloc - before,
+        "prefill_peak_bytes": prefill_peak,
+        "decode_peak_bytes": decode_peak,
+    }
+    if isinstance(timing, SpecTiming):
+        taus = [r.tau for r in timing.rows]
+        row["tau"] = round(sum(taus) / len(taus), 3)
+    outputs = [s.token_ids for s in states]
+    if full_outputs is not None:
+        same = sum(a == b for a, b in zip(outputs, full_outputs, strict=True))
+        row["identical_to_full_fraction"] = round(same / batch, 3)
+    del runner, states
+    return row, outputs
+
+
+def hf_row(model_name, prompts, new_tokens) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from fastdecode.model.config import ModelConfig
+    from fastdecode.model.gguf_loader import load_gguf_config, load_gguf_tensors
+    from fastdecode.model.load import resolve
+
+    path = resolve(model_name, progress=False)
+    hf_config = load_gguf_config(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    hf.load_state_dict(load_gguf_tensors(path, cfg, torch.bfloat16), strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    hf = hf.to("cuda").eval()
+    ids = torch.tensor(prompts, device="cuda")
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    sync()
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+    sync()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    sync()
+    total = time.perf_counter() - t0
+    decode = max(1e-9, total - ttft)
+    del hf
+    torch.cuda.empty_cache()
+    return {
+        "ttft_ms": round(ttft * 1e3, 1),
+        "ms_per_output_step": round(decode / (new_tokens - 1) * 1e3, 3),
+        "decode_tokens_per_s": round(len(prompts) * (new_tokens - 1) / decode, 1),
+    }
+
+
+COLUMNS = [
+    "context", "batch", "method", "ms_per_output_step", "decode_tokens_per_s",
+    "speedup_vs_full", "ttft_ms", "kv_MiB", "kv_ratio_vs_full", "decode_peak_GiB",
+    "max_batch_estimate", "tau", "identical_to_full_fraction",
+]  # fmt: skip
+
+
+def write_report(rows: list[dict], args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if CUDA else "cpu")
+    report = {"meta": meta("python " + " ".join(sys.argv), device), "rows": rows}
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    m = report["meta"]
+    lines = [
+        f"# Long-context decode speed and memory ({m['gpu']}, {args.model})",
+        "",
+        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['commit']}",
+        f"command: `{m['command']}`",
+        "",
+        f"{args.new_tokens} greedy tokens per row after an L-token prompt; ms_per_output_step "
+        "includes each policy's selection work (triforce: per emitted step of the batch); "
+        "kv_MiB: the cache's bytes; decode_peak_GiB: allocator peak while decoding; "
+        "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card.",
+        "",
+        "| " + " | ".join(COLUMNS) + " | error |",
+        "|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for row in rows:
+        cells = ["" if row.get(c) is None else str(row[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + f" | {row.get('error', '')} |")
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )  # noqa: E501
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--essays", type=Path, default=ESSAYS)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--hf-batch", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="longcontext")
+    args = p.parse_args()
+    llm = LLM(args.model, progress=False)
+    model, tokenizer = llm.model, llm.tokenizer
+    if CUDA:
+        model.compile()
+    ids = essay_tokens(tokenizer, args.essays)
+    total_memory = torch.cuda.get_device_properties(0).total_memory if CUDA else None
+    rows: list[dict] = []
+    for context in args.contexts:
+        for batch in args.batches:
+            prompts = make_prompts(ids, batch, context - args.new_tokens)
+            full = None
+            for method in args.methods:
+                row = {"context": context, "batch": batch, "method": method}
+                try:
+                    result, outputs = run_one(
+                        model, tokenizer, prompts, args.new_tokens, method,
+                        None if method == "full" else (full or {}).get("outputs"),
+                    )  # fmt: skip
+                except Exception as exc:  # OOM or a policy's limit: recorded, run goes on
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    log(f"L={context} B={batch} {method}: FAILED {row['error']}")
+                    rows.append(row)
+                    write_report(rows, args)
+                    if CUDA:
+                        torch.cuda.empty_cache()
+                    continue
+                row.update(result)
+                if method == "full":
+                    full = {**result, "outputs": outputs}
+                if full is not None and row.get("decode_tokens_per_s"):
+                    row["speedup_vs_full"] = round(
+                        row["decode_tokens_per_s"] / full["decode_tokens_per_s"], 3
+                    )
+                if row.get("kv_bytes"):
+                    row["kv_MiB"] = round(row["kv_bytes"] / 2**20, 1)
+                    if full is not None and full.get("kv_bytes"):
+                        row["kv_ratio_vs_full"] = round(full["kv_bytes"] / row["kv_bytes"], 2)
+                    if total_memory:
+                        free = 0.9 * total_memory - model.weight_bytes()
+                        row["max_batch_estimate"] = int(free // (row["kv_bytes"] / batch))
+                if row.get("decode_peak_bytes"):
+                    row["decode_peak_GiB"] = round(row["decode_peak_bytes"] / 2**30, 2)
+                rows.append(row)
+                write_report(rows, args)
+                log(
+                    f"L={context} B={batch} {method}: {row['ms_per_output_step']} ms/step "
+                    f"x{row.get('speedup_vs_full')} kv {row.get('kv_MiB')} MiB "
+                    f"tau {row.get('tau')} same {row.get('identical_to_full_fraction')}"
+                )
+        if CUDA and not args.no_hf:
+            row = {"context": context, "batch": args.hf_batch, "method": "hf_generate"}
+            try:
+                prompts = make_prompts(ids, args.hf_batch, context - args.new_tokens)
+                row.update(hf_row(args.model, prompts, min(args.new_tokens, 32)))
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            rows.append(row)
+            write_report(rows, args)
+            log(f"L={context} HF: {row}")
+    print((args.out / f"{args.name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
