@@ -13,6 +13,7 @@ On CPU (or with graphs off) the forward simply runs eagerly on the unpadded inpu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +61,22 @@ class GraphedForward:
         padded = bucket(width)
         key = (batch, padded)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(*self._pad(tokens, positions, slots, mask, padded))
+            try:
+                self._graphs[key] = self._capture(
+                    *self._pad(tokens, positions, slots, mask, padded)
+                )
+            except Exception as exc:  # never lose the step: fall back to eager forwards
+                warnings.warn(
+                    f"CUDA graph capture of a {batch}x{padded} forward failed "
+                    f"({type(exc).__name__}: {exc}); running these forwards eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.enabled = False
+                if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    self.model.multi_fns = self.model.layer_fns  # the compile failed too
+                torch.cuda.synchronize()
+                return self._forward(tokens, positions, slots, mask)
         graph, inputs, logits = self._graphs[key]
         padded_inputs = self._pad(tokens, positions, slots, mask, padded)
         for static, value in zip(inputs, padded_inputs, strict=True):

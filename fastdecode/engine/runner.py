@@ -8,6 +8,8 @@ step writes them, so capture never disturbs the cache.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastdecode.engine.graphed import GraphedForward
@@ -146,7 +148,18 @@ class ModelRunner:
             return self.model.decode_step(tokens, positions, self.cache)
         batch = tokens.shape[0]
         if batch not in self._graphs:
-            self._graphs[batch] = self._capture(tokens, positions)
+            try:
+                self._graphs[batch] = self._capture(tokens, positions)
+            except Exception as exc:  # a cache whose step cannot be captured: run it eagerly
+                warnings.warn(
+                    f"CUDA graph capture of the decode step failed ({type(exc).__name__}: "
+                    f"{exc}); decoding eagerly with this cache",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.cuda_graphs = False
+                torch.cuda.synchronize()
+                return self.model.decode_step(tokens, positions, self.cache)
         graph, static_tokens, static_positions, logits = self._graphs[batch]
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
