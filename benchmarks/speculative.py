@@ -56,6 +56,11 @@ def _jsonl(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
 
 
+def set_data_dir(path: Path) -> None:
+    global DATA
+    DATA = path
+
+
 def load_workloads(n: int, agent_sessions: int, agent_turns: int) -> dict[str, list]:
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     humaneval = [
@@ -314,7 +319,10 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         cells = ["" if row.get(c) is None else str(row[c]) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + f" | {row.get('error', '')} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out / f"{args.name}.png")
+    try:
+        plot(rows, out / f"{args.name}.png")
+    except ImportError:  # no matplotlib here: `--replot NAME.json` draws it elsewhere
+        pass
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -366,9 +374,15 @@ def main() -> None:
     p.add_argument("--hf-workloads", nargs="+", default=["humaneval", "agent"])
     p.add_argument("--hf-compare", nargs="+", default=["plain", "suffix", "draft_chain"])
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke test)")
+    p.add_argument("--data", type=Path, default=DATA, help="directory of the workload files")
+    p.add_argument("--replot", type=Path, help="draw the plot of a saved report and exit")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="speculative")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return
+    set_data_dir(args.data)
     if args.quick:
         args.prompts, args.agent_sessions, args.agent_turns = 2, 1, 2
         args.max_tokens, args.batches, args.hf_prompts = 12, [2], 1

@@ -7,11 +7,17 @@ The real checkpoint comes from `fastdecode.hub.fetch` (cached under $FASTDECODE_
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU (CI) spinning threads
+# fight each other and slow tiny-model tests 25x or more. Set before torch starts OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SMOLLM2 = "smollm2-135m-instruct"
 
