@@ -164,10 +164,10 @@ def bench_rows(llm, model_name, workloads, table, params, batch, section, args, 
                 warm = spec
                 if spec is not None and spec.method in ("suffix", "stand"):
                     warm = SpeculativeConfig.from_any(spec_dict)  # keep the measured tree clean
-                warm_params = SamplingParams(
-                    max_tokens=16, temperature=params.temperature, seed=params.seed
-                )
-                llm.generate([sessions[0][0]] * batch, warm_params, speculative_config=warm)
+                # Warm-up at the workload's largest shape: the measured requests then reuse
+                # its cache, compiled kernels and CUDA graphs (no capture inside the timing).
+                longest = max((t for s in sessions for t in s), key=lambda t: len(llm.encode(t)))
+                llm.generate([longest] * batch, params, speculative_config=warm)
                 m = run_workload(llm, sessions, params, spec, batch)
             except Exception as exc:  # recorded, the run goes on
                 row["error"] = f"{type(exc).__name__}: {exc}"

@@ -87,7 +87,7 @@ class ModelRunner:
         cache = self.cache
         # Reuse a cache that fits without being much larger: its CUDA graphs stay valid, so
         # requests of varying length do not re-capture (verify steps read the capacity).
-        fits = cache is not None and capacity <= cache.capacity <= 2 * capacity
+        fits = cache is not None and capacity <= cache.capacity <= max(2 * capacity, 2048)
         if not fits or cache.batch != batch or type(cache) is not KVCache:
             self.cache = None
             self._graphs.clear()  # graphs point at the old cache's memory
