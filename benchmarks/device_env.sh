@@ -3,7 +3,9 @@
 # were copied to /tmp/parts/<model>/part.NN by earlier calls (see benchmarks/README.md).
 export PYTHONPATH=/tmp/site:$PWD
 export FASTDECODE_HOME=/tmp/fdh
-export FASTDECODE_COMMIT=${FASTDECODE_COMMIT:-$(git rev-parse --short=7 HEAD 2>/dev/null || echo unknown)}
+# The machine's copy of .git can be stale: pass FASTDECODE_COMMIT=$(git rev-parse --short HEAD)
+# from the checkout in the command line, else reports say "unknown".
+export FASTDECODE_COMMIT=${FASTDECODE_COMMIT:-unknown}
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .xfer/whl/*.whl
 for dir in /tmp/parts/*/; do
   m=$(basename "$dir")

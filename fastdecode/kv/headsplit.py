@@ -32,6 +32,7 @@ class HeadGroup:
 
 class HeadSplitKVCache:
     graph_safe = True  # each head group is a SparseKVCache
+
     def __init__(
         self,
         layers: list[list[HeadGroup]],

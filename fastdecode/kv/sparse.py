@@ -20,6 +20,7 @@ from fastdecode.kv.step import StepContext
 
 class SparseKVCache:
     graph_safe = True  # eviction picks slots on the device (argmin + scatter): no host sync
+
     def __init__(
         self,
         policy: KVPolicy,
