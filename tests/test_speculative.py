@@ -519,3 +519,36 @@ def test_tiny_greedy_ngram_and_tree_equal_plain(tiny_llm):
         params_i = params
         _, state, _ = speculate(tiny_llm, prompt, params_i, DecoyTreeDrafter(), 6)
         assert state.token_ids == expected.token_ids
+
+
+class _SpeculationOff:
+    """A draft-length policy that always says K = 0 (what goodput says for a large batch)."""
+
+    def __init__(self) -> None:
+        self.plain_steps = 0
+
+    def plan(self, rows, stats, max_k):
+        return {row: 0 for row in rows}
+
+    def record_verify(self, batch, width, seconds):
+        raise AssertionError("no verify step may run while speculation is off")
+
+    def record_plain(self, batch, seconds):
+        self.plain_steps += 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_speculation_off_runs_plain_bursts_identical_to_plain(smollm2_llm, temperature):
+    """K = 0 everywhere: the loop decodes in on-device bursts (no per-token verify) and emits
+    exactly plain decoding's tokens, greedy and seeded sampling alike."""
+    prompts = ["Count: 1, 2, 3, 4,", "The capital of France is", "def add(a, b):"]
+    params = SamplingParams(max_tokens=19, temperature=temperature, seed=5, stop=["\n\n"])
+    plain = smollm2_llm.generate(prompts, params)
+    config = SpeculativeConfig.from_any({"method": "suffix", "draft_length": "goodput"})
+    off = _SpeculationOff()
+    config._engine["length_policy"] = off
+    spec = smollm2_llm.generate(prompts, params, speculative_config=config)
+    assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
+    assert [s.finish_reason for s in spec] == [p.finish_reason for p in plain]
+    assert 0 < off.plain_steps < 19  # bursts of several steps, one record each
+    assert all(s.metrics["tau"] == 1.0 for s in spec)

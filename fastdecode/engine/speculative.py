@@ -39,7 +39,7 @@ from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
 from fastdecode.spec.tree import DraftTree, pad_trees
-from fastdecode.spec.verify import verify_batch
+from fastdecode.spec.verify import Verdict, verify_batch
 
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy
@@ -148,6 +148,14 @@ def run_speculative(
                 states[b].params.max_tokens - len(states[b].token_ids) - 1,  # target adds one
                 trash_slot(cache) - lengths[b] - 1,
             ))  # fmt: skip
+        if length_policy is not None and not any(budget.values()) and not any(drafter.want_probs):
+            # The policy turned speculation off: plain steps in a burst, on the device with
+            # one host sync (as engine/generate.py does), not one verify round-trip per token.
+            _plain_burst(runner, prompts, states, drafter, timing, lengths, last, generators,
+                         length_policy, room=trash_slot(cache) - max(lengths) - 1)  # fmt: skip
+            timing.decode_s = time.perf_counter() - start - timing.prefill_s
+            yield
+            continue
         contexts = [prompts[b] + s.token_ids for b, s in enumerate(states)]
         t0 = time.perf_counter()
         trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
@@ -234,3 +242,48 @@ def _compact(cache, verdicts, lengths: list[int], device: torch.device) -> None:
     if rows:
         as_tensor = functools.partial(torch.tensor, device=device)
         cache.move(as_tensor(rows), as_tensor(src), as_tensor(dst))
+
+
+PLAIN_BURST = 8  # plain steps between two looks at the host when speculation is off
+
+
+def _plain_burst(
+    runner, prompts, states, drafter, timing, lengths, last, generators, length_policy, room
+) -> None:
+    """Up to PLAIN_BURST plain decode steps for every row; finished rows stay in place. The
+    drafters still see every emitted token (one Verdict with no drafts per step)."""
+    device = runner.device
+    params = [s.params for s in states]
+    active = [b for b, s in enumerate(states) if not s.finished]
+    left = min(states[b].params.max_tokens - len(states[b].token_ids) for b in active)
+    steps = min(PLAIN_BURST, room, left)
+    t0 = time.perf_counter()
+    tokens = torch.tensor(last, device=device)
+    positions = torch.tensor(lengths, device=device)
+    moving = torch.tensor([not s.finished for s in states], device=device).long()
+    out = torch.empty(len(states), steps, dtype=torch.long, device=device)
+    for j in range(steps):
+        tokens = select_tokens(runner.decode(tokens, positions), params, generators)
+        out[:, j] = tokens
+        positions = positions + moving
+    emitted = out.tolist()  # the one host sync
+    elapsed = time.perf_counter() - t0
+    timing.verify_s += elapsed
+    length_policy.record_plain(len(states), elapsed / steps)
+    for j in range(steps):
+        contexts = [prompts[b] + s.token_ids for b, s in enumerate(states)]
+        verdicts = [None] * len(states)
+        for b in active:
+            if not states[b].finished:
+                verdicts[b] = Verdict([], [emitted[b][j]])
+        drafter.accept(contexts, verdicts)
+        for b in active:
+            if verdicts[b] is None:
+                continue
+            states[b].add(emitted[b][j])
+            stats = timing.rows[b]
+            stats.verify_s += elapsed / steps
+            stats.record(DraftTree.empty(), 0, 1)
+            lengths[b] += 1
+            last[b] = emitted[b][j]
+        timing.steps += 1

@@ -58,6 +58,9 @@ class SpeculativeConfig:
     draft_length: str = "fixed"
     draft_length_kwargs: dict[str, Any] = field(default_factory=dict)
     _shared: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    # the engine's own state (loaded draft model, self-drafter, length policy): never passed
+    # to a drafter constructor, unlike `_shared`
+    _engine: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.method.startswith("draft:"):
@@ -99,9 +102,7 @@ class SpeculativeConfig:
         if self.method in MODEL_DRAFTERS:
             from fastdecode.spec.drafters.model_drafters import build_model_drafter
 
-            if self._shared is None:
-                self._shared = {}
-            return build_model_drafter(self, runner, tokenizer, self._shared)
+            return build_model_drafter(self, runner, tokenizer, self._engine)
         return PerRowDrafters([self.new_drafter() for _ in range(batch)])
 
     def length_policy(self):
@@ -109,15 +110,13 @@ class SpeculativeConfig:
         for "fixed" (every row drafts num_draft_tokens)."""
         if self.draft_length == "fixed" and not self.draft_length_kwargs:
             return None
-        if self._shared is None:
-            self._shared = {}
-        if "length_policy" not in self._shared:
+        if "length_policy" not in self._engine:
             from fastdecode.spec.length import make_length_policy
 
-            self._shared["length_policy"] = make_length_policy(
+            self._engine["length_policy"] = make_length_policy(
                 self.draft_length, **self.draft_length_kwargs
             )
-        return self._shared["length_policy"]
+        return self._engine["length_policy"]
 
     def new_drafter(self) -> Drafter:
         kwargs = self._kwargs()
