@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM  # noqa: E402
-from fastdecode.bench.report import meta  # noqa: E402
+from fastdecode.bench.report import meta, table_lines  # noqa: E402
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
 from fastdecode.engine.speculative import SpecTiming, run_speculative  # noqa: E402
@@ -205,12 +205,8 @@ def write_report(rows: list[dict], args) -> None:
         "kv_MiB: the cache's bytes; decode_peak_GiB: allocator peak while decoding; "
         "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card.",
         "",
-        "| " + " | ".join(COLUMNS) + " | error |",
-        "|" + "---|" * (len(COLUMNS) + 1),
+        *table_lines(rows, COLUMNS),
     ]
-    for row in rows:
-        cells = ["" if row.get(c) is None else str(row[c]) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + f" | {row.get('error', '')} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 

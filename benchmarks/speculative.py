@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM, SamplingParams  # noqa: E402
-from fastdecode.bench.report import meta  # noqa: E402
+from fastdecode.bench.report import meta, table_lines  # noqa: E402
 from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -312,12 +312,8 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         "tokens_per_s: generated tokens / wall time including prefill; tau: tokens per target "
         "step; draft/verify ms per step: batch wall time of drafting / verifying per step.",
         "",
-        "| " + " | ".join(COLUMNS) + " | error |",
-        "|" + "---|" * (len(COLUMNS) + 1),
+        *table_lines(rows, COLUMNS),
     ]
-    for row in rows:
-        cells = ["" if row.get(c) is None else str(row[c]) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + f" | {row.get('error', '')} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     try:
         plot(rows, out / f"{args.name}.png")

@@ -75,6 +75,19 @@ def meta(command: str, device, extra: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+def table_lines(rows: list[dict], columns: list[str], error: bool = True) -> list[str]:
+    """A Markdown table of `rows` (dicts) over `columns` (missing values left blank), plus an
+    `error` column for rows that failed when `error` is set."""
+    head = columns + (["error"] if error else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = ["" if row.get(c) is None else str(row[c]) for c in columns]
+        if error:
+            cells.append(str(row.get("error", "")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # -- aggregation -------------------------------------------------------------------------------
 def _methods(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))

@@ -28,6 +28,21 @@ def bucket(width: int) -> int:
     return width
 
 
+def capture_graph(step, pool, warmups: int = 2):
+    """Run `step` a few times on a side stream (compile and autotune stay outside the
+    capture), then capture it into a CUDA graph drawing on `pool`; returns (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = step()
+    return graph, output
+
+
 def trash_slot(cache) -> int:
     """The slot padding columns write to: the cache's last one (callers allocate one extra)."""
     return cache.capacity - 1
@@ -109,18 +124,7 @@ class GraphedForward:
     def _capture(self, tokens, positions, slots, mask):
         inputs = tuple(t.clone() for t in (tokens, positions, slots, mask))
 
-        def step() -> torch.Tensor:
-            return self._forward(*inputs)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile + autotune outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
+        graph, logits = capture_graph(lambda: self._forward(*inputs), self._pool)
         return graph, inputs, logits

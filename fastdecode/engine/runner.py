@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from fastdecode.engine.graphed import GraphedForward
+from fastdecode.engine.graphed import GraphedForward, capture_graph
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.selective import SelectiveKVCache
@@ -173,15 +173,7 @@ class ModelRunner:
         def step() -> torch.Tensor:
             return self.model.decode_step(static_tokens, static_positions, self.cache)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # compile + autotune outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
+        graph, logits = capture_graph(step, self._pool, warmups=3)
         return graph, static_tokens, static_positions, logits
