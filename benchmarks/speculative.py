@@ -96,19 +96,21 @@ def methods(args, small: bool = False) -> dict[str, dict | None]:
         "suffix": {"method": "suffix", "num_draft_tokens": 16},
         "stand": {"method": "stand", "num_draft_tokens": 8},
     }
-    if small:
-        return table
+    if not small:
+        table.update(model_methods(args))
+    keep = getattr(args, "methods", None)
+    return {k: v for k, v in table.items() if not keep or k == "plain" or k in keep}
+
+
+def model_methods(args) -> dict[str, dict]:
     draft = {"drafter_kwargs": {"model": args.draft}}
-    table.update(
-        {
-            "draft_chain": {"method": "draft_model", "num_draft_tokens": 4, **draft},
-            "draft_dyspec": {
-                "method": "draft_model", "num_draft_tokens": 16, "tree": "dynamic:5:4", **draft,
-            },
-            "layerskip": {"method": "layerskip", "num_draft_tokens": 4},
-        }
-    )  # fmt: skip
-    return table
+    return {
+        "draft_chain": {"method": "draft_model", "num_draft_tokens": 4, **draft},
+        "draft_dyspec": {
+            "method": "draft_model", "num_draft_tokens": 16, "tree": "dynamic:5:4", **draft,
+        },
+        "layerskip": {"method": "layerskip", "num_draft_tokens": 4},
+    }  # fmt: skip
 
 
 @dataclass
@@ -360,7 +362,10 @@ def main() -> None:
     p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--small-target", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    p.add_argument("--prompts", type=int, default=8, help="requests per workload")
+    p.add_argument("--prompts", type=int, default=6, help="requests per workload")
+    p.add_argument(
+        "--methods", nargs="+", help="only these methods (plain always runs: it is the baseline)"
+    )
     p.add_argument("--agent-sessions", type=int, default=3)
     p.add_argument("--agent-turns", type=int, default=3, help="last N turns of each session")
     p.add_argument("--max-tokens", type=int, default=128)
