@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as `error: ...`, exit status 2."""
+
+
 def add_device_dtype(group: argparse._ArgumentGroup) -> None:
     """--device and --dtype, with the same meaning as LLM(device=..., dtype=...)."""
     group.add_argument(
