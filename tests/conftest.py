@@ -195,3 +195,31 @@ def assert_prefill_and_decode_match_dense(model, policy, prompts, steps: int = 3
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         tokens, positions = ref.argmax(-1), positions + 1
     return other
+
+
+@pytest.fixture(scope="module")
+def llm4(tmp_path_factory):
+    """A tiny random Llama with 4 layers (4 query heads, 2 KV heads of 16 dims: GQA groups
+    of 2), float32 on CPU; one per test module."""
+    from fastdecode import LLM
+
+    directory = tmp_path_factory.mktemp("tiny4") / "llama4"
+    save_tiny_model("llama", directory, seed=3, num_hidden_layers=4)
+    return LLM(directory, device="cpu", dtype="float32", progress=False)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every gathered-attention call's indices [B, Hkv, N], in call order (the sparse read
+    paths go through `fastdecode.kv.gathered.gathered_attention`)."""
+    from fastdecode.kv import gathered
+
+    calls = []
+    inner = gathered.gathered_attention
+
+    def record(q, k_cache, v_cache, indices):
+        calls.append(indices.clone())
+        return inner(q, k_cache, v_cache, indices)
+
+    monkeypatch.setattr(gathered, "gathered_attention", record)
+    return calls

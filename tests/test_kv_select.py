@@ -41,28 +41,6 @@ SPARSE = {
 SELECT = sorted(n for n, p in POLICIES.items() if p.storage == "select")
 
 
-@pytest.fixture(scope="module")
-def llm4(tmp_path_factory):
-    """A tiny random Llama with 4 layers (4 query heads, 2 KV heads: GQA groups of 2)."""
-    directory = tmp_path_factory.mktemp("tiny4") / "llama4"
-    save_tiny_model("llama", directory, seed=3, num_hidden_layers=4)
-    return LLM(directory, device="cpu", dtype="float32", progress=False)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every gathered-attention call's indices [B, Hkv, K], in call order."""
-    calls = []
-    inner = gathered.gathered_attention
-
-    def record(q, k_cache, v_cache, indices):
-        calls.append(indices.clone())
-        return inner(q, k_cache, v_cache, indices)
-
-    monkeypatch.setattr(gathered, "gathered_attention", record)
-    return calls
-
-
 @pytest.mark.parametrize("name", SELECT)
 def test_full_budget_reproduces_full_attention(llm4, recorded, name):
     params = SamplingParams(max_tokens=10, ignore_eos=True)

@@ -11,7 +11,6 @@ from conftest import assert_prefill_and_decode_match_dense, save_tiny_model, wit
 
 from fastdecode import LLM, SamplingParams
 from fastdecode.engine.runner import ModelRunner
-from fastdecode.kv import gathered
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.policies.shadowkv import ShadowKVPolicy
 from fastdecode.kv.shadow import ShadowKVCache, key_basis, unrotate
@@ -22,28 +21,6 @@ LONG = [[3 + (i * 7 + j) % 120 for i in range(240)] for j in range(2)]  # 30 chu
 # few resident chunks, so most of the prompt goes through selection + reconstruction
 SPARSE = {"outlier_chunks": 1, "sink_chunks": 1, "local_chunks": 1}
 EXACT = dict(SPARSE, rank=16)  # the tiny models' head_dim
-
-
-@pytest.fixture(scope="module")
-def llm4(tmp_path_factory):
-    """A tiny random Llama with 4 layers (4 query heads, 2 KV heads of 16 dims: GQA)."""
-    directory = tmp_path_factory.mktemp("tiny4") / "llama4"
-    save_tiny_model("llama", directory, seed=3, num_hidden_layers=4)
-    return LLM(directory, device="cpu", dtype="float32", progress=False)
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every gathered-attention call's indices [B, Hkv, N] (N: resident + selected + tail)."""
-    calls = []
-    inner = gathered.gathered_attention
-
-    def record(q, k, v, indices):
-        calls.append(indices.clone())
-        return inner(q, k, v, indices)
-
-    monkeypatch.setattr(gathered, "gathered_attention", record)
-    return calls
 
 
 def _run(model, options, prompts, budget=1.0, steps=4):
