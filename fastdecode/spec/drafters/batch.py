@@ -28,7 +28,8 @@ class BatchDrafter(Protocol):
     `propose` drafts a tree of at most `rooms[b]` nodes for each row (0: none) continuing
     `contexts[b]` (prompt + output; the last token is the root, not yet in the target's
     cache, which holds `lengths[b]` tokens); `accept` hands over what the verify step
-    emitted (None for rows that took no part)."""
+    emitted (None for rows that took no part). `contexts` is a view built row by row on
+    access (fastdecode.engine.speculative.Contexts): read only the rows you need."""
 
     want_probs: list[bool]
 
@@ -42,10 +43,10 @@ class BatchDrafter(Protocol):
     ) -> None: ...
 
     def propose(
-        self, contexts: list[list[int]], rooms: list[int], lengths: list[int]
+        self, contexts: Sequence[list[int]], rooms: list[int], lengths: list[int]
     ) -> list[DraftTree]: ...
 
-    def accept(self, contexts: list[list[int]], verdicts: Sequence[Verdict | None]) -> None: ...
+    def accept(self, contexts: Sequence[list[int]], verdicts: Sequence[Verdict | None]) -> None: ...
 
 
 class PerRowDrafters:
@@ -67,8 +68,8 @@ class PerRowDrafters:
 
     def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
         trees = []
-        for drafter, context, room in zip(self.drafters, contexts, rooms, strict=True):
-            trees.append(drafter.propose(context, room).truncate(room) if room > 0 else None)
+        for b, (drafter, room) in enumerate(zip(self.drafters, rooms, strict=True)):
+            trees.append(drafter.propose(contexts[b], room).truncate(room) if room > 0 else None)
         return [DraftTree.empty() if t is None else t for t in trees]
 
     def accept(self, contexts, verdicts) -> None:

@@ -106,7 +106,7 @@ class SelfDrafter:
             self.shape.grower(room, p.greedy, gen) if room > 0 else None
             for room, p, gen in zip(rooms, self.params, self.generators, strict=True)
         ]
-        pending = [[c[-1]] if room > 0 else [] for c, room in zip(contexts, rooms, strict=True)]
+        pending = [[contexts[b][-1]] if room > 0 else [] for b, room in enumerate(rooms)]
         cache = self._forward.cache
         sparse = self.sparse_policy is not None
         if sparse:
