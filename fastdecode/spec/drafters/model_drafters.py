@@ -3,6 +3,7 @@ and kept in the config's shared state, so later batches reuse it and its CUDA gr
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from fastdecode.engine.runner import ModelRunner
@@ -35,15 +36,15 @@ _CALIBRATION = (
     "def fibonacci(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n"
     "        a, b = b, a + b\n    return a\n\nQuestion: what is 12 times 7? Answer: 84."
 )
-_SKIPS: dict[int, list[int]] = {}
+_SKIPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its skip set
 
 
 def _default_skip(runner: ModelRunner, tokenizer) -> list[int]:
     """The layers that change the residual stream least on a fixed calibration text."""
-    key = id(runner.model)
-    if key not in _SKIPS:
-        _SKIPS[key] = choose_skip(runner.model, tokenizer.encode(_CALIBRATION))
-    return _SKIPS[key]
+    model = runner.model
+    if model not in _SKIPS:  # keyed by the model object: an id could be reused by another
+        _SKIPS[model] = choose_skip(model, tokenizer.encode(_CALIBRATION))
+    return _SKIPS[model]
 
 
 def build_model_drafter(config, runner: ModelRunner, tokenizer, shared: dict[str, Any]):
