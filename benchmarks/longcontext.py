@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM  # noqa: E402
+from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
 from fastdecode.bench.report import meta, table_lines  # noqa: E402
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
@@ -146,20 +147,7 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs) -> dict
 
 
 def hf_row(model_name, prompts, new_tokens) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from fastdecode.model.config import ModelConfig
-    from fastdecode.model.gguf_loader import load_gguf_config, load_gguf_tensors
-    from fastdecode.model.load import resolve
-
-    path = resolve(model_name, progress=False)
-    hf_config = load_gguf_config(path)
-    cfg = ModelConfig.from_hf(hf_config)
-    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    hf.load_state_dict(load_gguf_tensors(path, cfg, torch.bfloat16), strict=False)
-    if cfg.tie_word_embeddings:
-        hf.tie_weights()
-    hf = hf.to("cuda").eval()
+    hf = hf_model_from_checkpoint(model_name)
     ids = torch.tensor(prompts, device="cuda")
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     sync()

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM, SamplingParams  # noqa: E402
+from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
 from fastdecode.bench.report import meta, table_lines  # noqa: E402
 from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
 
@@ -208,27 +209,9 @@ def bench_rows(llm, model_name, workloads, table, params, batch, section, args, 
 
 
 # -- HF baselines --------------------------------------------------------------------------------
-def hf_model_for(name: str):
-    from transformers import AutoModelForCausalLM
-
-    from fastdecode.model.config import ModelConfig
-    from fastdecode.model.gguf_loader import load_gguf_config, load_gguf_tensors
-    from fastdecode.model.load import resolve
-
-    path = resolve(name, progress=False)
-    hf_config = load_gguf_config(path)
-    cfg = ModelConfig.from_hf(hf_config)
-    state = load_gguf_tensors(path, cfg, torch.bfloat16)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-    model.load_state_dict(state, strict=False)
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-    return model.to("cuda").eval()
-
-
 def bench_hf(llm, args, workloads, rows, out) -> None:
-    target = hf_model_for(args.target)
-    assistant = hf_model_for(args.draft)
+    target = hf_model_from_checkpoint(args.target)
+    assistant = hf_model_from_checkpoint(args.draft)
     n_new = args.hf_new_tokens
     modes = {
         "hf_plain": {},
