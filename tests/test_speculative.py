@@ -62,7 +62,9 @@ def test_pad_trees_and_verify_inputs():
     assert batch.width == 3
     assert batch.valid.tolist() == [[True] * 3, [False] * 3, [True, False, False]]
     lengths = torch.tensor([5, 2, 3])
-    tokens, positions, slots, mask = batch.verify_inputs(torch.tensor([1, 2, 3]), lengths, 16)
+    tokens, positions, slots, tree = batch.verify_inputs(torch.tensor([1, 2, 3]), lengths)
+    assert tree.prefix.tolist() == [5, 2, 3]
+    mask = tree.dense(16)
     assert tokens.tolist() == [[1, 7, 8, 9], [2, 0, 0, 0], [3, 4, 0, 0]]
     assert positions[0].tolist() == [5, 6, 6, 7] and positions[2, :2].tolist() == [3, 4]
     assert slots.tolist() == [[5, 6, 7, 8], [2, 3, 4, 5], [3, 4, 5, 6]]

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdecode.kv.tree_mask import TreeMask
+
 WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -41,6 +43,12 @@ def capture_graph(step, pool, warmups: int = 2):
     with torch.cuda.graph(graph, pool=pool):
         output = step()
     return graph, output
+
+
+def _flat(inputs) -> list[torch.Tensor]:
+    """The tensors of (tokens, positions, slots, mask), a `TreeMask` counting as two."""
+    *tensors, mask = inputs
+    return tensors + (list(mask) if isinstance(mask, TreeMask) else [mask])
 
 
 def trash_slot(cache) -> int:
@@ -69,7 +77,8 @@ class GraphedForward:
         slots: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        """tokens, positions, slots [B, T]; mask [B, 1, T, capacity] -> logits [B, T, V]."""
+        """tokens, positions, slots [B, T]; mask [B, 1, T, capacity] or a `TreeMask` (a verify
+        step) -> logits [B, T, V]."""
         if not self.enabled:
             return self._forward(tokens, positions, slots, mask)
         batch, width = tokens.shape
@@ -94,7 +103,7 @@ class GraphedForward:
                 return self._forward(tokens, positions, slots, mask)
         graph, inputs, logits = self._graphs[key]
         padded_inputs = self._pad(tokens, positions, slots, mask, padded)
-        for static, value in zip(inputs, padded_inputs, strict=True):
+        for static, value in zip(_flat(inputs), _flat(padded_inputs), strict=True):
             static.copy_(value, non_blocking=True)
         graph.replay()
         return logits[:, :width]
@@ -117,12 +126,15 @@ class GraphedForward:
         tokens = torch.cat([tokens, torch.zeros_like(pad)], dim=1)
         positions = torch.cat([positions, torch.zeros_like(pad)], dim=1)
         slots = torch.cat([slots, pad], dim=1)
+        if isinstance(mask, TreeMask):
+            return tokens, positions, slots, mask.padded(width)
         pad_mask = torch.zeros(batch, 1, extra, mask.shape[-1], dtype=torch.bool, device=device)
         pad_mask[..., trash] = True
         return tokens, positions, slots, torch.cat([mask, pad_mask], dim=2)
 
     def _capture(self, tokens, positions, slots, mask):
-        inputs = tuple(t.clone() for t in (tokens, positions, slots, mask))
+        mask = TreeMask(*(t.clone() for t in mask)) if isinstance(mask, TreeMask) else mask.clone()
+        inputs = (*(t.clone() for t in (tokens, positions, slots)), mask)
 
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()

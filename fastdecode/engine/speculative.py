@@ -176,7 +176,7 @@ def run_speculative(
         width = max(len(tree) for tree in trees)
         if width:
             tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
-                torch.tensor(last), lengths_t, cache.capacity
+                torch.tensor(last), lengths_t
             )
             logits = verify_forward(tokens, positions, slots, mask)
         else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdecode.kv.tree_mask import TreeMask
+
 
 def visible_mask(positions: torch.Tensor, capacity: int) -> torch.Tensor:
     """Causal mask [B, 1, T, capacity]: a query at position p sees slots 0..p of its row."""
@@ -51,12 +53,18 @@ def cache_attention(
     v_cache: torch.Tensor,
     mask: torch.Tensor | None,
     lengths: torch.Tensor | None = None,
+    tree: TreeMask | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, T, D], caches [B, Hkv, S, D] -> [B, Hq, T, D].
 
-    Either `mask` (folded [B, 1, G*T, S], any T) or `lengths` [B] (T = 1, slots
-    0..len-1 visible, the Triton decode kernel) says what each query sees.
+    Either `mask` (folded [B, 1, G*T, S], any T), `lengths` [B] (T = 1, slots
+    0..len-1 visible, the Triton decode kernel) or `tree` (a verify step: prefix + tree,
+    the Triton tree kernel) says what each query sees.
     """
+    if tree is not None:
+        from fastdecode.kv.triton_tree import tree_attention
+
+        return tree_attention(q, k_cache, v_cache, tree.prefix, tree.local)
     if lengths is not None:
         from fastdecode.kv.triton_decode import decode_attention
 

@@ -21,6 +21,8 @@ class KVCache:
     # A decode step has static shapes and no host syncs: the runner may capture it as a
     # CUDA graph (caches whose step syncs with the host, like ShadowKV's, say False).
     graph_safe = True
+    # A multi-token step may read through the tree-verify kernel (`StepContext.tree`).
+    tree_reads = True
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class KVCache:
         write_kv(k_cache, v_cache, k, v, step.batch_index, step.slots)
         if step.prefill:
             return prompt_attention(q, k, v)
-        return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
+        return cache_attention(q, k_cache, v_cache, step.mask, step.lengths, step.tree)
 
     def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slots src -> dst (same row) in every layer: compacts an accepted tree path."""

@@ -80,7 +80,7 @@ class SelectiveKVCache(KVCache):
         if step.prefill:
             return prompt_attention(q, k, v)
         if q.shape[2] != 1 or not self.sparse_reads:
-            return cache_attention(q, k_cache, v_cache, step.mask, step.lengths)
+            return cache_attention(q, k_cache, v_cache, step.mask, step.lengths, step.tree)
         visible = visible_slots(step, self.capacity)
         indices = self.policy.select(layer, self, q, visible)
         if indices is not None:

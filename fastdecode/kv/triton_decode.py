@@ -40,8 +40,14 @@ def _rope(x_ptr, offs_row, d, cos, sin, HEAD_DIM: tl.constexpr, mask):
 def online_softmax_block(q, k, v, valid, m, total, acc, scale):
     """Fold one block of keys/values into the running (max, sum, weighted values) of the
     query group q [G, D]; invalid columns count for nothing (also when all are invalid)."""
+    return masked_softmax_block(q, k, v, valid[None, :], m, total, acc, scale)
+
+
+@triton.jit
+def masked_softmax_block(q, k, v, visible, m, total, acc, scale):
+    """`online_softmax_block` with a per-query mask `visible` [G, BLOCK] (tree attention)."""
     scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    scores = tl.where(valid[None, :], scores, float("-inf"))
+    scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(scores - m_safe[:, None])
@@ -131,7 +137,7 @@ def _merge_kernel(
     part_ptr, lse_ptr, out_ptr, num_splits,
     SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)  # (batch, query head)
+    row = tl.program_id(0)  # (batch, query head, query)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
     lse = tl.load(lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
@@ -151,10 +157,12 @@ def split_scratch(batch: int, num_heads: int, num_splits: int, head_dim: int, de
     return torch.empty(rows, head_dim, device=device), torch.empty(rows, device=device)
 
 
-def merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, dtype) -> torch.Tensor:
-    """Combine the slices of every (row, query head) by log-sum-exp: [B, Hq, 1, D]."""
-    out = torch.empty(batch, num_heads, 1, head_dim, device=partial.device, dtype=dtype)
-    _merge_kernel[(batch * num_heads,)](
+def merge_splits(
+    partial, lse, batch, num_heads, num_splits, head_dim, dtype, length: int = 1
+) -> torch.Tensor:
+    """Combine the slices of every (row, query head, query) by log-sum-exp: [B, Hq, T, D]."""
+    out = torch.empty(batch, num_heads, length, head_dim, device=partial.device, dtype=dtype)
+    _merge_kernel[(batch * num_heads * length,)](
         partial, lse, out, num_splits,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), HEAD_DIM=head_dim,
     )  # fmt: skip

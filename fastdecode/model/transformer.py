@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fastdecode.kv.attention import decode_kernel_available, fold_mask_for_gqa, visible_mask
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.step import StepContext
+from fastdecode.kv.tree_mask import TreeMask
 from fastdecode.model.config import ModelConfig
 from fastdecode.model.fused_decode import FusedDecodeStep, fused_decode_supported
 from fastdecode.model.layers import (
@@ -127,7 +128,8 @@ class Transformer:
     ) -> torch.Tensor:
         """Run tokens [B, T] at RoPE positions [B, T], writing K/V at `slots` (default: positions).
 
-        mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification).
+        mask [B, 1, T, capacity] (bool) overrides the causal one (tree verification); a
+        `TreeMask` (prefix + tree) lets dense caches on CUDA verify with the tree kernel.
         logit_index [B] picks one position per row to project (prefill); default: all.
         decode=True uses the compiled layer halves (fixed small shapes; one token per row, or
         the dynamic-shape compile for several); prefill=True says the rows start empty (a
@@ -138,10 +140,14 @@ class Transformer:
         batch, length = tokens.shape
         lengths = None
         dense = isinstance(cache, KVCache)  # slot j of row b holds position j
+        tree = None
+        if isinstance(mask, TreeMask):  # a verify step: the tree kernel, or a dense mask
+            use_kernel = self.decode_kernel and length > 1 and getattr(cache, "tree_reads", False)
+            tree, mask = (mask, None) if use_kernel else (None, mask.dense(cache.capacity))
         if dense and decode and mask is None and slots is None and length == 1:
             if self.decode_kernel:
                 lengths = positions[:, 0] + 1  # the kernel reads slots 0..position
-        if dense and mask is None and lengths is None and not prefill:
+        if dense and mask is None and lengths is None and tree is None and not prefill:
             mask = visible_mask(positions, cache.capacity)
         slots = positions if slots is None else slots
         cos = self.cos[positions].unsqueeze(1)
@@ -153,7 +159,9 @@ class Transformer:
         if prefill:
             full = torch.full((batch,), length, device=tokens.device)
             prompt_lengths = full if logit_index is None else logit_index + 1
-        step = StepContext(positions, slots, batch_index, mask, lengths, prefill, prompt_lengths)
+        step = StepContext(
+            positions, slots, batch_index, mask, lengths, prefill, prompt_lengths, tree
+        )
         x = F.embedding(tokens, self.embed)
         fns = self.layer_fns
         if decode:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdecode.kv.tree_mask import TreeMask
+
 
 @dataclass
 class DraftTree:
@@ -109,13 +111,13 @@ class TreeBatch:
         return self.tokens.shape[1]
 
     def verify_inputs(
-        self, last: torch.Tensor, lengths: torch.Tensor, capacity: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, last: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TreeMask]:
         """Inputs of one verify step over T = 1 + W columns per row.
 
         last [B]: the last accepted token (column 0, the normal decode input); lengths [B]:
         slots already in the cache. Returns tokens, positions (RoPE: length + depth),
-        slots (length + column) [B, T] and the attention mask [B, 1, T, capacity]: the
+        slots (length + column) [B, T] and what each column sees (a `TreeMask`): the
         cached prefix, plus column 0 and the node's ancestors and itself.
         """
         batch, width = self.tokens.shape
@@ -127,10 +129,7 @@ class TreeBatch:
         local = torch.zeros(batch, 1 + width, 1 + width, dtype=torch.bool, device=device)
         local[:, :, 0] = True  # every column sees the root
         local[:, 1:, 1:] = self.mask.to(device)
-        mask = torch.arange(capacity, device=device)[None, None, :] < lengths[:, None, None]
-        mask = mask.expand(batch, 1 + width, capacity).clone()
-        mask.scatter_(2, slots[:, None, :].expand(batch, 1 + width, 1 + width), local)
-        return tokens, positions, slots, mask[:, None]
+        return tokens, positions, slots, TreeMask(lengths, local)
 
 
 def pad_trees(trees: Sequence[DraftTree], width: int | None = None) -> TreeBatch:

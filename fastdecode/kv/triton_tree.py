@@ -1,0 +1,135 @@
+"""Tree-verify attention in Triton: T queries per row (the last accepted token and a draft
+tree) over a long cached prefix plus the tree's own T slots.
+
+Every query of a row sees the whole prefix, so the prefix is read as a decode step reads
+it (split-K, "flash-decoding"): each program takes one slice of one (row, KV head)'s
+prefix and serves a tile of that head's G x T queries (the GQA group times the tree's
+columns, folded into one axis) with one matrix product, so K/V are read once per query
+tile instead of once per query head, and no [T, capacity] mask is built or read. One extra
+slice per (row, KV head) attends to the T tree slots under the tree mask (SpecInfer's
+tree attention). The slices are merged by log-sum-exp with `triton_decode`'s merge kernel.
+
+Masked SDPA over the capacity (the fallback) reads every slot of the capacity and a mask
+of G x T x capacity bytes per row and layer; at 8K-32K contexts that made a verify step
+cost several plain steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdecode.kv.triton_decode import (
+    BLOCK_N,
+    masked_softmax_block,
+    merge_splits,
+    online_softmax_block,
+    split_scratch,
+    split_size,
+)
+
+QUERY_TILE = 64  # query rows (group x tree columns) per program
+
+
+@triton.jit
+def _rows(base, n, stride, d, valid):
+    """Cache rows n [BLOCK] of one (row, KV head): [BLOCK, D], zeros where not valid."""
+    return tl.load(base + n[:, None] * stride + d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _tree_split_kernel(
+    q_ptr, k_ptr, v_ptr, prefix_ptr, local_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    capacity, num_splits, scale,
+    GROUP: tl.constexpr, LENGTH: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    TREE_BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1) // TILES
+    tile = tl.program_id(1) % TILES
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1) // TILES
+    r = tile * ROWS + tl.arange(0, ROWS)  # query row within the KV head: g * LENGTH + t
+    row_ok = r < GROUP * LENGTH
+    t = r % LENGTH
+    head = kv_head * GROUP + r // LENGTH
+    d = tl.arange(0, HEAD_DIM)
+    # merged row (b, head, t) = (b * Hkv + kv_head) * G * T + r; one partial per split
+    out_row = ((b * num_kv_heads + kv_head) * GROUP * LENGTH + r) * num_splits + split
+    q = tl.load(
+        q_ptr + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    prefix = tl.load(prefix_ptr + b)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    if split == num_splits - 1:  # the tree's own slots, under the tree mask
+        local = local_ptr + b * LENGTH * LENGTH + t[:, None] * LENGTH
+        for i in range(0, LENGTH, TREE_BLOCK):
+            j = i + tl.arange(0, TREE_BLOCK)
+            n = prefix + j
+            inside = (j < LENGTH) & (n < capacity)
+            visible = tl.load(local + j[None, :], mask=row_ok[:, None] & inside[None, :], other=0)
+            k = _rows(k_base, n, stride_ks, d, inside)
+            v = _rows(v_base, n, stride_vs, d, inside)
+            m, total, acc = masked_softmax_block(q, k, v, visible != 0, m, total, acc, scale)
+    else:
+        start = split * SPLIT
+        end = tl.minimum(start + SPLIT, prefix)
+        for i in range(0, SPLIT, BLOCK):
+            n = start + i + tl.arange(0, BLOCK)
+            valid = n < end
+            k = _rows(k_base, n, stride_ks, d, valid)
+            v = _rows(v_base, n, stride_vs, d, valid)
+            m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
+    # a slice that saw nothing (past the prefix) gets weight 0 in the merge
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + out_row, lse, mask=row_ok)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    prefix: torch.Tensor,
+    local: torch.Tensor,
+) -> torch.Tensor:
+    """q [B, Hq, T, D]; caches [B, Hkv, S, D]; prefix [B] (slots every query sees); local
+    [B, T, T] (query t also sees slot prefix + j where local[b, t, j]) -> [B, Hq, T, D].
+
+    Every query must see at least one slot (column 0, the last accepted token, always is)."""
+    q = q.contiguous()
+    local = local.to(torch.int8).contiguous()
+    batch, num_heads, length, head_dim = q.shape
+    num_kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    rows = min(QUERY_TILE, max(16, triton.next_power_of_2(group * length)))
+    tiles = triton.cdiv(group * length, rows)
+    split = split_size(capacity)
+    tree_block = max(16, min(BLOCK_N, triton.next_power_of_2(length)))
+    num_splits = triton.cdiv(capacity, split) + 1  # + the tree slice
+    partial, lse = split_scratch(batch, num_heads * length, num_splits, head_dim, q.device)
+    _tree_split_kernel[(batch, num_kv_heads * tiles, num_splits)](
+        q, k_cache, v_cache, prefix, local, partial, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        capacity, num_splits, head_dim**-0.5,
+        GROUP=group, LENGTH=length, ROWS=rows, TILES=tiles, HEAD_DIM=head_dim,
+        SPLIT=split, BLOCK=BLOCK_N, TREE_BLOCK=tree_block,
+    )  # fmt: skip
+    return merge_splits(
+        partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype, length=length
+    )
