@@ -58,7 +58,8 @@ def trash_slot(cache) -> int:
 
 class GraphedForward:
     """`model.forward(tokens, positions, cache, slots=, mask=, decode=True)` for one cache,
-    optionally over a subset of layers, one CUDA graph per (batch, width bucket)."""
+    optionally over a subset of layers, one CUDA graph per (batch, width bucket, and for a
+    `TreeMask` its local block's bucket)."""
 
     def __init__(
         self, model, cache, *, enabled: bool, layer_ids: Sequence[int] | None = None
@@ -67,7 +68,7 @@ class GraphedForward:
         self.cache = cache
         self.enabled = enabled and model.device.type == "cuda"
         self.layer_ids = None if layer_ids is None else list(layer_ids)
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graphs: dict[tuple[int, int, int], tuple] = {}
         self._pool = None
 
     def __call__(
@@ -83,11 +84,12 @@ class GraphedForward:
             return self._forward(tokens, positions, slots, mask)
         batch, width = tokens.shape
         padded = bucket(width)
-        key = (batch, padded)
+        block = bucket(mask.local.shape[2]) if isinstance(mask, TreeMask) else 0
+        key = (batch, padded, block)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(
-                    *self._pad(tokens, positions, slots, mask, padded)
+                    *self._pad(tokens, positions, slots, mask, padded, block)
                 )
             except Exception as exc:  # never lose the step: fall back to eager forwards
                 warnings.warn(
@@ -102,7 +104,7 @@ class GraphedForward:
                 torch.cuda.synchronize()
                 return self._forward(tokens, positions, slots, mask)
         graph, inputs, logits = self._graphs[key]
-        padded_inputs = self._pad(tokens, positions, slots, mask, padded)
+        padded_inputs = self._pad(tokens, positions, slots, mask, padded, block)
         for static, value in zip(_flat(inputs), _flat(padded_inputs), strict=True):
             static.copy_(value, non_blocking=True)
         graph.replay()
@@ -114,9 +116,11 @@ class GraphedForward:
             layer_ids=self.layer_ids,
         )  # fmt: skip
 
-    def _pad(self, tokens, positions, slots, mask, width: int):
+    def _pad(self, tokens, positions, slots, mask, width: int, block: int):
         device = self.model.device
         tokens, positions, slots, mask = (t.to(device) for t in (tokens, positions, slots, mask))
+        if isinstance(mask, TreeMask):
+            mask = mask.padded(width, block)
         extra = width - tokens.shape[1]
         if extra == 0:
             return tokens, positions, slots, mask
@@ -127,7 +131,7 @@ class GraphedForward:
         positions = torch.cat([positions, torch.zeros_like(pad)], dim=1)
         slots = torch.cat([slots, pad], dim=1)
         if isinstance(mask, TreeMask):
-            return tokens, positions, slots, mask.padded(width)
+            return tokens, positions, slots, mask
         pad_mask = torch.zeros(batch, 1, extra, mask.shape[-1], dtype=torch.bool, device=device)
         pad_mask[..., trash] = True
         return tokens, positions, slots, torch.cat([mask, pad_mask], dim=2)

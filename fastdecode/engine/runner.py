@@ -85,9 +85,12 @@ class ModelRunner:
             )
         capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), context)
         cache = self.cache
-        # Reuse a cache that fits without being much larger: its CUDA graphs stay valid, so
-        # requests of varying length do not re-capture (verify steps read the capacity).
-        fits = cache is not None and capacity <= cache.capacity <= max(2 * capacity, 2048)
+        # Reuse a cache that fits: its CUDA graphs stay valid, so requests of varying length
+        # do not re-capture. The Triton kernels read only a row's valid slots; without them
+        # (masked SDPA reads the whole capacity) the cache must not be much larger.
+        fits = cache is not None and capacity <= cache.capacity
+        if fits and not self.model.decode_kernel:
+            fits = cache.capacity <= max(2 * capacity, 2048)
         if not fits or cache.batch != batch or type(cache) is not KVCache:
             self.cache = None
             self._graphs.clear()  # graphs point at the old cache's memory

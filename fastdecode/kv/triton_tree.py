@@ -45,7 +45,8 @@ def _tree_split_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     capacity, num_splits, scale,
-    GROUP: tl.constexpr, LENGTH: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+    GROUP: tl.constexpr, LENGTH: tl.constexpr, LOCAL: tl.constexpr,
+    ROWS: tl.constexpr, TILES: tl.constexpr,
     HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
     TREE_BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -73,11 +74,11 @@ def _tree_split_kernel(
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     if split == num_splits - 1:  # the tree's own slots, under the tree mask
-        local = local_ptr + b * LENGTH * LENGTH + t[:, None] * LENGTH
-        for i in range(0, LENGTH, TREE_BLOCK):
+        local = local_ptr + b * LENGTH * LOCAL + t[:, None] * LOCAL
+        for i in range(0, LOCAL, TREE_BLOCK):
             j = i + tl.arange(0, TREE_BLOCK)
             n = prefix + j
-            inside = (j < LENGTH) & (n < capacity)
+            inside = (j < LOCAL) & (n < capacity)
             visible = tl.load(local + j[None, :], mask=row_ok[:, None] & inside[None, :], other=0)
             k = _rows(k_base, n, stride_ks, d, inside)
             v = _rows(v_base, n, stride_vs, d, inside)
@@ -107,7 +108,7 @@ def tree_attention(
     local: torch.Tensor,
 ) -> torch.Tensor:
     """q [B, Hq, T, D]; caches [B, Hkv, S, D]; prefix [B] (slots every query sees); local
-    [B, T, T] (query t also sees slot prefix + j where local[b, t, j]) -> [B, Hq, T, D].
+    [B, T, M] (query t also sees slot prefix + j where local[b, t, j]) -> [B, Hq, T, D].
 
     Every query must see at least one slot (column 0, the last accepted token, always is)."""
     q = q.contiguous()
@@ -118,7 +119,8 @@ def tree_attention(
     rows = min(QUERY_TILE, max(16, triton.next_power_of_2(group * length)))
     tiles = triton.cdiv(group * length, rows)
     split = split_size(capacity)
-    tree_block = max(16, min(BLOCK_N, triton.next_power_of_2(length)))
+    block = local.shape[2]
+    tree_block = max(16, min(BLOCK_N, triton.next_power_of_2(block)))
     num_splits = triton.cdiv(capacity, split) + 1  # + the tree slice
     partial, lse = split_scratch(batch, num_heads * length, num_splits, head_dim, q.device)
     _tree_split_kernel[(batch, num_kv_heads * tiles, num_splits)](
@@ -127,7 +129,7 @@ def tree_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         capacity, num_splits, head_dim**-0.5,
-        GROUP=group, LENGTH=length, ROWS=rows, TILES=tiles, HEAD_DIM=head_dim,
+        GROUP=group, LENGTH=length, LOCAL=block, ROWS=rows, TILES=tiles, HEAD_DIM=head_dim,
         SPLIT=split, BLOCK=BLOCK_N, TREE_BLOCK=tree_block,
     )  # fmt: skip
     return merge_splits(

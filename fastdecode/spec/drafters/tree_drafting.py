@@ -23,6 +23,7 @@ import torch
 
 from fastdecode.engine.graphed import trash_slot
 from fastdecode.engine.sampling import filtered_probs, make_generator
+from fastdecode.kv.tree_mask import TreeMask
 from fastdecode.params import SamplingParams
 from fastdecode.spec.tree import DraftTree
 from fastdecode.spec.tree_growth import ChainGrower, DynamicTreeGrower, StaticTreeGrower
@@ -106,26 +107,35 @@ def draft_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
 Column = tuple[int, int, int, int, list[int]]  # token, position, slot, visible prefix, extra
 
 
-def _step_inputs(rows: list[list[Column]], capacity: int, trash: int, device):
-    """tokens, positions, slots [B, W] and mask [B, 1, W, capacity] (built on the device:
-    a prefix of visible slots per column plus a few extra slots) for ragged columns."""
+def _step_inputs(rows: list[list[Column]], trash: int, device):
+    """tokens, positions, slots [B, W] and what each column sees, as a `TreeMask`: the
+    row's shortest visible prefix shared by all its columns, plus the slots after it that a
+    column also sees (the rest of its own prefix, its ancestors and itself), so the forward
+    can attend with the tree kernel. Columns past a row's own are padding (slot `trash`)."""
     width = max(1, max(len(r) for r in rows))
-    extra = max(1, max((len(c[4]) for r in rows for c in r), default=1))
     batch = len(rows)
     tokens = torch.zeros(batch, width, dtype=torch.long)
     positions = torch.zeros(batch, width, dtype=torch.long)
     slots = torch.full((batch, width), trash, dtype=torch.long)
-    prefix = torch.zeros(batch, width, dtype=torch.long)
-    extras = torch.full((batch, width, extra), trash, dtype=torch.long)
+    prefix = torch.tensor([min((c[3] for c in r), default=0) for r in rows])
+    ends = [
+        max([c[3]] + [s + 1 for s in c[4]]) - int(prefix[b]) for b, r in enumerate(rows) for c in r
+    ]
+    local = torch.zeros(batch, width, max([1] + ends), dtype=torch.bool)
+    local[:, :, 0] = True  # padding columns see the row's first block slot (kept finite)
     for b, columns in enumerate(rows):
+        start = int(prefix[b])
         for j, (token, position, slot, visible, more) in enumerate(columns):
             tokens[b, j], positions[b, j], slots[b, j] = token, position, slot
-            prefix[b, j] = visible
-            extras[b, j] = torch.tensor((more + [slot] * extra)[:extra])
-    prefix, extras = prefix.to(device), extras.to(device)
-    mask = torch.arange(capacity, device=device)[None, None, :] < prefix[:, :, None]
-    mask.scatter_(2, extras, True)
-    return tokens.to(device), positions.to(device), slots.to(device), mask[:, None]
+            local[b, j] = False
+            local[b, j, : visible - start] = True
+            local[b, j, [s - start for s in more]] = True
+    return (
+        tokens.to(device),
+        positions.to(device),
+        slots.to(device),
+        TreeMask(prefix, local).to(device),
+    )
 
 
 def draft_trees(
@@ -139,12 +149,12 @@ def draft_trees(
     """Write each row's `pending` tokens from slot `starts[b]`, then grow each row's tree
     (rows whose grower is None only catch up). Returns one tree per row."""
     device = cache.k[0].device
-    capacity, trash = cache.capacity, trash_slot(cache)
+    trash = trash_slot(cache)
     rows = [
         [(t, s + j, s + j, s + j + 1, []) for j, t in enumerate(tokens)]
         for tokens, s in zip(pending, starts, strict=True)
     ]
-    logits = forward(*_step_inputs(rows, capacity, trash, device))
+    logits = forward(*_step_inputs(rows, trash, device))
     roots = [s + len(p) - 1 for p, s in zip(pending, starts, strict=True)]
     for b, grower in enumerate(growers):
         if grower is not None and grower.frontier() == [-1]:
@@ -158,7 +168,7 @@ def draft_trees(
         for b, nodes in enumerate(frontiers):
             tree = growers[b].tree() if nodes else None
             rows.append([_node_column(tree, node, roots[b]) for node in nodes])
-        logits = forward(*_step_inputs(rows, capacity, trash, device))
+        logits = forward(*_step_inputs(rows, trash, device))
         for b, nodes in enumerate(frontiers):
             if nodes:
                 growers[b].extend(draft_distribution(logits[b, : len(nodes)], params[b]))
