@@ -144,3 +144,53 @@ class GraphedForward:
             self._pool = torch.cuda.graph_pool_handle()
         graph, logits = capture_graph(lambda: self._forward(*inputs), self._pool)
         return graph, inputs, logits
+
+
+class GraphedDecode:
+    """`model.decode_step` over one cache, one CUDA graph per batch size. Whatever the cache's
+    Python-side switches say at capture time is baked into the graph (a sparse-reading
+    draft and the fully-reading target over one cache need one instance each)."""
+
+    def __init__(self, model, cache, *, enabled: bool) -> None:
+        self.model = model
+        self.cache = cache
+        on_cuda = model.device.type == "cuda"
+        self.enabled = enabled and on_cuda and getattr(cache, "graph_safe", False)
+        self._graphs: dict[int, tuple] = {}
+        self._pool = None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [B] -> logits [B, V]; K/V stored at slot = position."""
+        if not self.enabled:
+            return self.model.decode_step(tokens, positions, self.cache)
+        batch = tokens.shape[0]
+        if batch not in self._graphs:
+            try:
+                self._graphs[batch] = self._capture(tokens, positions)
+            except Exception as exc:  # a cache whose step cannot be captured: run it eagerly
+                warnings.warn(
+                    f"CUDA graph capture of the decode step failed ({type(exc).__name__}: "
+                    f"{exc}); decoding eagerly with this cache",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.enabled = False
+                torch.cuda.synchronize()
+                return self.model.decode_step(tokens, positions, self.cache)
+        graph, static_tokens, static_positions, logits = self._graphs[batch]
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        graph.replay()
+        return logits
+
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
+        static_tokens = tokens.clone()
+        static_positions = positions.clone()
+
+        def step() -> torch.Tensor:
+            return self.model.decode_step(static_tokens, static_positions, self.cache)
+
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph, logits = capture_graph(step, self._pool, warmups=3)
+        return graph, static_tokens, static_positions, logits

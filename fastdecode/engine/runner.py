@@ -8,11 +8,9 @@ step writes them, so capture never disturbs the cache.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from fastdecode.engine.graphed import GraphedForward, capture_graph
+from fastdecode.engine.graphed import GraphedDecode, GraphedForward
 from fastdecode.kv.cache import KVCache
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.selective import SelectiveKVCache
@@ -43,10 +41,7 @@ class ModelRunner:
             model.compile()
         self.kv_policy = kv_policy  # None: the dense cache; else a budgeted SparseKVCache
         self.cache: KVCache | SparseKVCache | None = None
-        self._graphs: dict[
-            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]
-        ] = {}
-        self._pool = None
+        self._decode: GraphedDecode | None = None  # the decode step's CUDA graphs
         self._multi: GraphedForward | None = None
 
     def multi_forward(self) -> GraphedForward:
@@ -92,11 +87,15 @@ class ModelRunner:
         if fits and not self.model.decode_kernel:
             fits = cache.capacity <= max(2 * capacity, 2048)
         if not fits or cache.batch != batch or type(cache) is not KVCache:
-            self.cache = None
-            self._graphs.clear()  # graphs point at the old cache's memory
-            self._pool = None  # a pool cannot outlive its graphs
+            self._release()
             self.cache = self.model.new_cache(batch, capacity)
         return self.cache
+
+    def _release(self) -> None:
+        """Drop the cache and the graphs that point at its memory (before allocating anew)."""
+        self.cache = None
+        self._decode = None
+        self._multi = None
 
     def _allocate_budgeted(
         self, kv_policy: KVPolicyConfig, batch: int, tokens_needed: int, prompt_len: int
@@ -105,9 +104,7 @@ class ModelRunner:
         policy = kv_policy.build(context=tokens_needed)
         max_new = tokens_needed - prompt_len
         capacities = [policy.capacity(i, prompt_len, max_new) for i in range(cfg.num_layers)]
-        self.cache = None
-        self._graphs.clear()
-        self._pool = None
+        self._release()
         if policy.storage == "select":  # keeps every entry (dense capacity), reads a subset
             capacity = min(round_up(tokens_needed, CAPACITY_ROUNDING), cfg.max_position)
             self.cache = SelectiveKVCache(
@@ -147,36 +144,6 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per row: tokens, positions [B] -> logits [B, V]."""
-        if not self.cuda_graphs or not getattr(self.cache, "graph_safe", False):
-            return self.model.decode_step(tokens, positions, self.cache)
-        batch = tokens.shape[0]
-        if batch not in self._graphs:
-            try:
-                self._graphs[batch] = self._capture(tokens, positions)
-            except Exception as exc:  # a cache whose step cannot be captured: run it eagerly
-                warnings.warn(
-                    f"CUDA graph capture of the decode step failed ({type(exc).__name__}: "
-                    f"{exc}); decoding eagerly with this cache",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.cuda_graphs = False
-                torch.cuda.synchronize()
-                return self.model.decode_step(tokens, positions, self.cache)
-        graph, static_tokens, static_positions, logits = self._graphs[batch]
-        static_tokens.copy_(tokens)
-        static_positions.copy_(positions)
-        graph.replay()
-        return logits
-
-    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
-        static_tokens = tokens.clone()
-        static_positions = positions.clone()
-
-        def step() -> torch.Tensor:
-            return self.model.decode_step(static_tokens, static_positions, self.cache)
-
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph, logits = capture_graph(step, self._pool, warmups=3)
-        return graph, static_tokens, static_positions, logits
+        if self._decode is None or self._decode.cache is not self.cache:
+            self._decode = GraphedDecode(self.model, self.cache, enabled=self.cuda_graphs)
+        return self._decode(tokens, positions)

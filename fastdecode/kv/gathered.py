@@ -6,6 +6,11 @@ fewer than K slots to read. The selection is per KV head and shared by its GQA q
 so K/V are never repeated per query head. On CUDA the Triton kernel
 (`fastdecode.kv.triton_gathered`) reads the rows by index in place; elsewhere the plain
 PyTorch reference below gathers a copy and runs masked SDPA.
+
+`fused_gathered_attention` is the single-token decode step's version that also takes the
+new token's raw QKV projection: it applies RoPE, stores k/v and attends in one Triton launch
+(`fastdecode.kv.triton_fused_gathered`); `fused_gathered_attention_reference` spells out the
+same contract in PyTorch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode.kv.attention import decode_kernel_available
+from fastdecode.kv.cache import write_kv
+from fastdecode.model.rope import apply_rope
 
 
 def gathered_attention_reference(
@@ -40,3 +47,53 @@ def gathered_attention(
 
         return gathered_decode_attention(q, k_cache, v_cache, indices)
     return gathered_attention_reference(q, k_cache, v_cache, indices)
+
+
+def rotate_new_token(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The new token's QKV projection [B, (Hq + 2 Hkv) * D] and cos/sin [B, D] ->
+    q [B, Hq, 1, D], k, v [B, Hkv, 1, D], q and k rotated (as `attention_input` does)."""
+    batch = qkv.shape[0]
+    num_kv_heads = (qkv.shape[1] // head_dim - num_heads) // 2
+    sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+    q, k, v = qkv.split(sizes, dim=-1)
+    cos, sin = cos[:, None, None], sin[:, None, None]
+    q = apply_rope(q.view(batch, num_heads, 1, head_dim), cos, sin)
+    k = apply_rope(k.view(batch, num_kv_heads, 1, head_dim), cos, sin)
+    return q, k, v.view(batch, num_kv_heads, 1, head_dim)
+
+
+def fused_gathered_attention_reference(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """RoPE, store at slot `positions` [B], then attend over `indices` [B, Hkv, K] (only the
+    listed slots, the new one included only if listed) -> [B, Hq, 1, D]."""
+    q, k, v = rotate_new_token(qkv, cos, sin, num_heads, k_cache.shape[3])
+    batch_index = torch.arange(qkv.shape[0], device=qkv.device)[:, None]
+    write_kv(k_cache, v_cache, k, v, batch_index, positions[:, None])
+    return gathered_attention_reference(q, k_cache, v_cache, indices)
+
+
+def fused_gathered_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    indices: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """The Triton kernel (on CUDA, or Triton's interpreter on CPU): the fused selective
+    decode step only runs where the kernels do, so there is no fallback here."""
+    from fastdecode.kv.triton_fused_gathered import fused_gathered_attention as kernel
+
+    return kernel(qkv, k_cache, v_cache, indices, positions, cos, sin, num_heads)

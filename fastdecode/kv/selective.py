@@ -39,8 +39,20 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
 
+def attention_weights(q: torch.Tensor, k_cache: torch.Tensor, visible: torch.Tensor):
+    """Single-token attention weights [B, Hkv, G, S] of q [B, Hq, 1, D] over the visible
+    slots [B, S] (what a selection layer hands `observe_weights`). Logits in the cache
+    dtype: they only rank."""
+    head_dim = q.shape[-1]
+    logits = group_queries(q, k_cache.shape[1]) @ k_cache.transpose(-1, -2)
+    logits = logits.float() * head_dim**-0.5
+    return logits.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+
+
 class SelectiveKVCache(KVCache):
-    dense_reads = False  # decode steps read a subset: no fused dense decode kernel
+    # Decode steps read a subset: not the fused dense step, but on CUDA the fused selective
+    # one (`fastdecode.model.fused_selective`) where the policy allows (`fused_select_ok`).
+    dense_reads = False
     # False: every step reads everything (the target of sparse self-speculation, whose
     # draft switches sparse reads on only while it drafts)
     sparse_reads = True
@@ -62,6 +74,11 @@ class SelectiveKVCache(KVCache):
         self.read_size = policy.read_size(capacity)  # K slots per (row, KV head)
         self.state: dict[str, object] = {}  # the policy's tensors (page bounds, a selection)
         policy.setup(self)
+
+    @property
+    def fused_select_ok(self) -> bool:
+        """Whether decode steps may run fused (`fastdecode.model.fused_selective`)."""
+        return self.policy.fused_decode
 
     def nbytes(self) -> int:
         """K/V plus the policy's own tensors (e.g. Quest's page bounds)."""
@@ -91,11 +108,8 @@ class SelectiveKVCache(KVCache):
 
     def _observe(self, layer: int, q: torch.Tensor, visible: torch.Tensor) -> None:
         """Hand this layer's attention weights [B, Hkv, G, S] to the policy (the output
-        itself comes from the dense path). Logits in the cache dtype: they only rank."""
-        head_dim = q.shape[-1]
-        logits = group_queries(q, self.k[layer].shape[1]) @ self.k[layer].transpose(-1, -2)
-        logits = logits.float() * head_dim**-0.5
-        weights = logits.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+        itself comes from the dense path)."""
+        weights = attention_weights(q, self.k[layer], visible)
         self.policy.observe_weights(layer, self, weights, visible)
 
     def move(self, batch_index: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

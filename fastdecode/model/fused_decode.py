@@ -9,6 +9,9 @@ step is bound by kernel count as much as by bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -33,28 +36,51 @@ def fused_decode_supported(model) -> bool:
     return model.decode_kernel and not model.config.qk_norm
 
 
+def compiled(fn: Callable, compile: bool) -> Callable:
+    """`fn` compiled for fixed decode shapes (one graph, no recompiles), or as is."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if compile else fn
+
+
+@dataclass
+class NewToken:
+    """What every layer of one single-token decode step shares (computed once per step)."""
+
+    positions: torch.Tensor  # [B]: the token's position, which is also its slot
+    lengths: torch.Tensor  # [B]: positions + 1, the slots 0..position it sees
+    cos: torch.Tensor  # [B, D]: RoPE at `positions`
+    sin: torch.Tensor  # [B, D]
+
+
 class FusedDecodeStep:
     def __init__(self, model, compile: bool) -> None:
         self.model = model
-        wrap = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else None
-        self.embed_and_norm = wrap(_embed_and_norm) if wrap else _embed_and_norm
-        self.finish_layer = wrap(_finish_layer) if wrap else _finish_layer
+        self.embed_and_norm = compiled(_embed_and_norm, compile)
+        self.finish_layer = compiled(_finish_layer, compile)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
         """tokens, positions [B] -> logits [B, V] (float32); K/V stored at `positions`."""
-        from fastdecode.kv.triton_decode import fused_decode_attention
-
         model, cfg = self.model, self.model.config
         eps = cfg.rms_norm_eps
         layers = model.layers
-        cos, sin = model.cos[positions], model.sin[positions]
-        lengths = positions + 1
+        token = self.new_token(positions, cache)
         x, h = self.embed_and_norm(tokens[:, None], model.embed, layers[0].attn_norm, eps)
         for i, w in enumerate(layers):
             qkv = F.linear(h[:, 0], w.qkv, w.qkv_bias)
-            attn = fused_decode_attention(
-                qkv, cache.k[i], cache.v[i], lengths, cos, sin, cfg.num_heads
-            )
+            attn = self.attend(i, qkv, cache, token)
             next_norm = layers[i + 1].attn_norm if i + 1 < len(layers) else model.norm
             x, h = self.finish_layer(x, attn, w, next_norm, eps)
         return F.linear(h[:, 0], model.lm_head).float()
+
+    def new_token(self, positions: torch.Tensor, cache: KVCache) -> NewToken:
+        model = self.model
+        return NewToken(positions, positions + 1, model.cos[positions], model.sin[positions])
+
+    def attend(self, layer: int, qkv: torch.Tensor, cache: KVCache, token: NewToken):
+        """Store the new token's k, v of `layer` (from its QKV projection [B, (Hq + 2 Hkv) * D])
+        and attend over slots 0..position: [B, Hq, 1, D]. One kernel (and its merge)."""
+        from fastdecode.kv.triton_decode import fused_decode_attention
+
+        return fused_decode_attention(
+            qkv, cache.k[layer], cache.v[layer], token.lengths, token.cos, token.sin,
+            self.model.config.num_heads,
+        )  # fmt: skip

@@ -18,6 +18,7 @@ from fastdecode.kv.step import StepContext
 from fastdecode.kv.tree_mask import TreeMask
 from fastdecode.model.config import ModelConfig
 from fastdecode.model.fused_decode import FusedDecodeStep, fused_decode_supported
+from fastdecode.model.fused_selective import FusedSelectiveStep
 from fastdecode.model.layers import (
     LayerFunctions,
     LayerWeights,
@@ -62,7 +63,9 @@ class Transformer:
         self.decode_fns = self.layer_fns  # replaced by compiled versions in compile()
         self.multi_fns = self.layer_fns  # multi-token steps (verify, drafting): any shape
         self.decode_kernel = decode_kernel_available(embed.device)
-        self.fused_decode = FusedDecodeStep(self, False) if fused_decode_supported(self) else None
+        fused = fused_decode_supported(self)
+        self.fused_decode = FusedDecodeStep(self, False) if fused else None
+        self.fused_select = FusedSelectiveStep(self, False) if fused else None  # sparse reads
 
     def compile(self) -> None:
         """Compile the two dense halves of a layer for decode steps; every layer shares the
@@ -83,6 +86,7 @@ class Transformer:
         )
         if self.fused_decode is not None:
             self.fused_decode = FusedDecodeStep(self, compile=True)
+            self.fused_select = FusedSelectiveStep(self, compile=True)
 
     def decode_step(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
@@ -90,6 +94,8 @@ class Transformer:
         """One token per row: tokens, positions [B] -> logits [B, V] (float32)."""
         if self.fused_decode is not None and getattr(cache, "dense_reads", False):
             return self.fused_decode(tokens, positions, cache)
+        if self.fused_select is not None and getattr(cache, "fused_select_ok", False):
+            return self.fused_select(tokens, positions, cache)  # a sparse-retrieval cache
         return self.forward(tokens[:, None], positions[:, None], cache, decode=True)[:, 0]
 
     @property

@@ -71,6 +71,16 @@ class ReadPolicy(KVPolicy):
     read everything. A policy only scores; the cache stores and attends."""
 
     storage = "select"
+    # The fused selective decode step (fastdecode.model.fused_selective: one QKV matmul and
+    # one RoPE + store + attention kernel per layer) may serve this policy. Its contract:
+    # `on_store` of a decode token runs before that token's k/v reach the cache (the kernel
+    # stores them; `on_store` gets them as its argument), and `select` / `on_store` get the
+    # new token's q / k only where `decode_reads_qk` says so. False: the per-layer unfused
+    # path (`SelectiveKVCache.store_and_attend`) serves every decode step.
+    fused_decode = True
+    # True: `select` returns the same slots for every sparse layer of a step (they depend on
+    # the visible slots only), so the fused step calls it once per step, not once per layer.
+    shared_selection = False
 
     def setup(self, cache: SelectiveKVCache) -> None:
         """Allocate per-cache state (in `cache.state`, so it lives and dies with the cache)."""
@@ -92,6 +102,12 @@ class ReadPolicy(KVPolicy):
         """Slots [B, Hkv, K] that layer `layer` reads for the decode queries q [B, Hq, 1, D]
         (-1: padding, not read), given the visible slots [B, S] (bool). None: full attention."""
         return None
+
+    def decode_reads_qk(self, layer: int, cache: SelectiveKVCache) -> bool:
+        """Whether `select` or `on_store` of a single-token decode step of `layer` read the
+        new token's rotated q or k. False lets the fused step skip rotating them outside its
+        attention kernel (they then receive None). True (the default) is always correct."""
+        return True
 
     def wants_scores(self, layer: int, cache: SelectiveKVCache) -> bool:
         """True: this layer attends fully and `observe_weights` receives its attention."""

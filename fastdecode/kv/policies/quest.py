@@ -53,6 +53,9 @@ class QuestPolicy(ReadPolicy):
         i = layer - self.dense_layers
         return cache.state["key_min"][i], cache.state["key_max"][i]
 
+    def decode_reads_qk(self, layer, cache) -> bool:
+        return layer >= self.dense_layers  # k for the page bounds, q for their scores
+
     # -- page bounds, kept current as keys are stored --
     def on_store(self, layer, cache, k, step) -> None:
         if layer < self.dense_layers:

@@ -15,10 +15,14 @@ from fastdecode.kv.policies.base import ReadPolicy
 
 class StreamingReadPolicy(ReadPolicy):
     name = "streaming_read"
+    shared_selection = True  # sinks + window: the same slots in every layer
 
     def __init__(self, budget: int, sinks: int = 4) -> None:
         super().__init__(budget)
         self.sinks = min(sinks, budget)
+
+    def decode_reads_qk(self, layer, cache) -> bool:
+        return False  # positions only
 
     def select(self, layer, cache, q, visible) -> torch.Tensor:
         """The first `sinks` and the last K - sinks visible slots (a chain's visible slots

@@ -49,6 +49,9 @@ class TidalPolicy(ReadPolicy):
             (batch, num_kv_heads, cache.read_size), -1, dtype=torch.long, device=device
         )
 
+    def decode_reads_qk(self, layer, cache) -> bool:
+        return False  # later layers reuse a selection; selection layers get weights instead
+
     def wants_scores(self, layer, cache):
         return layer in cache.state["selection_layers"]
 

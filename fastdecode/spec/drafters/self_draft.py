@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastdecode.engine.graphed import GraphedForward
+from fastdecode.engine.graphed import GraphedDecode, GraphedForward, trash_slot
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.step import StepContext
@@ -62,6 +62,24 @@ def choose_skip(model, tokens: Sequence[int], fraction: float = SKIP_FRACTION) -
     return sorted(candidates[: int(fraction * len(scores))])
 
 
+class SparseChainForward:
+    """TriForce's draft forward. Its chains feed one token per row per pass at slot ==
+    position, each seeing slots 0..position: exactly a decode step, so it runs the fused
+    sparse decode step (CUDA-graphed per batch, captured with the sparse reads on) instead
+    of the generic multi-token forward. Padding rows decode at the trash slot (discarded)."""
+
+    def __init__(self, model, cache, *, enabled: bool) -> None:
+        self.cache = cache
+        self.trash = trash_slot(cache)
+        self.decode = GraphedDecode(model, cache, enabled=enabled)
+
+    def __call__(self, tokens, positions, slots, mask) -> torch.Tensor:
+        if tokens.shape[1] != 1:
+            raise ValueError("sparse self-speculation drafts one token per row per pass")
+        positions = torch.where(slots == self.trash, self.trash, positions)[:, 0]
+        return self.decode(tokens[:, 0], positions)[:, None]
+
+
 class SelfDrafter:
     """One per batch. layer_ids: the layers the draft runs (None: all); sparse_policy: the
     ReadPolicy the draft reads through (the target's cache becomes a SelectiveKVCache
@@ -84,16 +102,19 @@ class SelfDrafter:
         self.layer_ids = None if layer_ids is None else list(layer_ids)
         self.sparse_policy = sparse_policy
         self.want_probs: list[bool] = []
-        self._forward: GraphedForward | None = None
+        self._forward: GraphedForward | SparseChainForward | None = None
 
     def allocate(self, runner: ModelRunner, batch: int, needed: int, prompt_len: int):
         cache = runner.allocate(batch, needed, prompt_len, kv_policy=self.sparse_policy)
         if self.sparse_policy is not None:
             cache.sparse_reads = False  # the target (prefill, verify, plain steps) reads all
         if self._forward is None or self._forward.cache is not cache:
-            self._forward = GraphedForward(
-                runner.model, cache, enabled=runner.cuda_graphs, layer_ids=self.layer_ids
-            )
+            if self.sparse_policy is not None:
+                self._forward = SparseChainForward(runner.model, cache, enabled=runner.cuda_graphs)
+            else:
+                self._forward = GraphedForward(
+                    runner.model, cache, enabled=runner.cuda_graphs, layer_ids=self.layer_ids
+                )
         return cache
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:

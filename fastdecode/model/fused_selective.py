@@ -1,0 +1,107 @@
+"""The fused single-token decode step for sparse-retrieval caches (`SelectiveKVCache`).
+
+Same shape as `FusedDecodeStep` (one QKV matmul, one attention kernel, one compiled block
+for output projection + MLP + the next layer's norm), with the attention kernel chosen per
+layer by the cache's `ReadPolicy`:
+
+- a layer the policy reads sparsely (`select` returns slots [B, Hkv, K]): one Triton launch
+  that applies RoPE, stores the new k/v and attends over just those slots
+  (`fastdecode.kv.triton_fused_gathered`), plus the merge;
+- a layer that attends fully (TidalDecode's first layers and its token-selection layers,
+  Quest's dense layers, or every layer while `sparse_reads` is off): the dense fused kernel.
+  A selection layer (TidalDecode: Yang et al., 2024) also computes its attention weights
+  for `observe_weights` in one compiled block (q's RoPE, q @ K^T over the cache, softmax);
+- RoPE outside the kernel only where the policy reads the new q or k
+  (`ReadPolicy.decode_reads_qk`: Quest's page bounds and page scores, Tang et al., 2024).
+
+The unfused path (`Transformer.forward`) pays per layer for the norm, the QKV matmul and
+RoPE, two index_put writes, the visible-slot mask, the selection and the gathered kernel;
+here the per-step tensors (visible slots, RoPE tables, a selection every layer shares) are
+computed once per step. No host syncs and static shapes, so the runner captures the step
+as a CUDA graph like the dense one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from fastdecode.kv import gathered
+from fastdecode.kv.gathered import rotate_new_token
+from fastdecode.kv.selective import SelectiveKVCache, attention_weights, visible_slots
+from fastdecode.kv.step import StepContext
+from fastdecode.model.fused_decode import FusedDecodeStep, NewToken, compiled
+
+
+def _selection_weights(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    num_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """A selection layer's attention weights [B, Hkv, G, S] from the new token's QKV
+    projection (the kernel rotates q in registers only, so q's RoPE is redone here)."""
+    q, _, _ = rotate_new_token(qkv, cos, sin, num_heads, head_dim)
+    return attention_weights(q, k_cache, visible)
+
+
+@dataclass
+class SelectiveToken(NewToken):
+    """`NewToken` plus what a read policy needs, also computed once per step."""
+
+    visible: torch.Tensor  # [B, S]: the slots 0..position
+    step: StepContext  # for `on_store` (slots = positions)
+    selection: torch.Tensor | None = None  # a `shared_selection` policy's slots this step
+
+
+class FusedSelectiveStep(FusedDecodeStep):
+    def __init__(self, model, compile: bool) -> None:
+        super().__init__(model, compile)
+        heads = dict(num_heads=model.config.num_heads, head_dim=model.config.head_dim)
+        self.rotate = compiled(functools.partial(rotate_new_token, **heads), compile)
+        self.selection_weights = compiled(functools.partial(_selection_weights, **heads), compile)
+
+    def new_token(self, positions: torch.Tensor, cache: SelectiveKVCache) -> SelectiveToken:
+        token = super().new_token(positions, cache)
+        batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        slots = positions[:, None]
+        step = StepContext(slots, slots, batch_index, mask=None, lengths=token.lengths)
+        visible = visible_slots(step, cache.capacity)
+        return SelectiveToken(token.positions, token.lengths, token.cos, token.sin, visible, step)
+
+    def attend(self, layer: int, qkv: torch.Tensor, cache: SelectiveKVCache, token):
+        """The policy's hooks in the unfused path's order (on_store, select, attention,
+        observe_weights), with RoPE, store and attention in one kernel."""
+        policy = cache.policy
+        q = k = None
+        if policy.decode_reads_qk(layer, cache):
+            q, k, _ = self.rotate(qkv, token.cos, token.sin)
+        policy.on_store(layer, cache, k, token.step)
+        indices = self._select(layer, cache, q, token) if cache.sparse_reads else None
+        if indices is not None:
+            return gathered.fused_gathered_attention(
+                qkv, cache.k[layer], cache.v[layer], indices, token.positions,
+                token.cos, token.sin, self.model.config.num_heads,
+            )  # fmt: skip
+        attn = super().attend(layer, qkv, cache, token)  # stores k, v: the weights see them
+        if cache.sparse_reads and policy.wants_scores(layer, cache):
+            weights = self.selection_weights(
+                qkv, token.cos, token.sin, cache.k[layer], token.visible
+            )
+            policy.observe_weights(layer, cache, weights, token.visible)
+        return attn
+
+    def _select(self, layer: int, cache: SelectiveKVCache, q, token: SelectiveToken):
+        """`policy.select`, once per step for a policy whose selection every layer shares."""
+        policy = cache.policy
+        if not policy.shared_selection:
+            return policy.select(layer, cache, q, token.visible)
+        if token.selection is None:
+            token.selection = policy.select(layer, cache, q, token.visible)
+        return token.selection
