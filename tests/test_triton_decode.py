@@ -105,7 +105,8 @@ def test_fused_decode_step_matches_forward(tiny_model, arch):
     step_positions = torch.full((batch,), prompt, device=DEVICE)
     ref = model.forward(tokens[:, prompt:], step_positions[:, None], generic)[:, 0]
     out = FusedDecodeStep(model, compile=False)(tokens[:, prompt], step_positions, fused)
-    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    tol = 1e-4 if DEVICE == "cpu" else 5e-3  # tf32 dots on the GPU
+    assert (out - ref).abs().max() <= tol * max(1.0, ref.abs().max().item())
     for a, b in zip(generic.k + generic.v, fused.k + fused.v, strict=True):
         assert torch.allclose(a[:, :, : prompt + 1], b[:, :, : prompt + 1], atol=1e-5)
 

@@ -21,6 +21,13 @@ BLOCK_N = 64
 TARGET_SPLITS = 16  # slices per row and KV head: enough programs to fill the GPU at batch 1
 
 
+def gather_block(split: int) -> int:
+    """Rows per loop trip of the gathered kernels: a whole slice (up to 128) at once, so
+    every index and K/V row load of a slice is in flight together (each trip waits twice:
+    for the indices, then for the rows they name)."""
+    return min(split, 2 * BLOCK_N)
+
+
 def split_size(capacity: int) -> int:
     """Slots per program: few loop trips (latency) but not thousands of slices to merge."""
     return min(1024, max(BLOCK_N, triton.next_power_of_2(triton.cdiv(capacity, TARGET_SPLITS))))

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from fastdecode.kv.triton_decode import (
-    BLOCK_N,
     _rope,
+    gather_block,
     merge_splits,
     online_softmax_block,
     split_scratch,
@@ -124,6 +124,6 @@ def fused_gathered_attention(
         indices.stride(0), indices.stride(1),
         num_selected, num_splits, head_dim**-0.5,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        SPLIT=split, BLOCK=BLOCK_N,
+        SPLIT=split, BLOCK=gather_block(split),
     )  # fmt: skip
     return merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype)

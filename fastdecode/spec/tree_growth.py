@@ -224,6 +224,21 @@ class ChainGrower(_Grower):
         token, prob, q = kids.take()
         self._finish([self.add(node, token, prob, q)])
 
+    def extend_top(self, token: int, top1: float) -> None:
+        """`extend` of a greedy chain from its argmax `token` and that token's probability,
+        which the drafting loop computes for every row at once (no per-row host syncs)."""
+        if not self.greedy:
+            raise RuntimeError("extend_top serves greedy chains; sampling needs extend()")
+        (node,) = self.frontier() or [None]
+        if node is None:
+            raise RuntimeError("extend_top() called on a finished grower")
+        self._path_confidence *= top1
+        score = top1 if self.confidence == "token" else self._path_confidence
+        if score < self.threshold:
+            self._finish([])
+            return
+        self._finish([self.add(node, token, top1, None)])
+
 
 def parse_branching(spec: str | Sequence[int]) -> tuple[int, ...]:
     """'4,2,1' (a CLI --tree value) or a sequence -> (4, 2, 1): children per node by depth."""

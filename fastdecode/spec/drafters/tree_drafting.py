@@ -156,10 +156,12 @@ def draft_trees(
     ]
     logits = forward(*_step_inputs(rows, trash, device))
     roots = [s + len(p) - 1 for p, s in zip(pending, starts, strict=True)]
-    for b, grower in enumerate(growers):
-        if grower is not None and grower.frontier() == [-1]:
-            column = logits[b, len(pending[b]) - 1 : len(pending[b])]
-            grower.extend(draft_distribution(column, params[b]))
+    first = {
+        b: len(pending[b]) - 1
+        for b, g in enumerate(growers)
+        if g is not None and g.frontier() == [-1]
+    }
+    _extend(growers, logits, first, params)
     while True:
         frontiers = [[] if g is None or g.done else g.frontier() for g in growers]
         if not any(frontiers):
@@ -169,10 +171,24 @@ def draft_trees(
             tree = growers[b].tree() if nodes else None
             rows.append([_node_column(tree, node, roots[b]) for node in nodes])
         logits = forward(*_step_inputs(rows, trash, device))
-        for b, nodes in enumerate(frontiers):
-            if nodes:
-                growers[b].extend(draft_distribution(logits[b, : len(nodes)], params[b]))
+        _extend(growers, logits, {b: 0 for b, nodes in enumerate(frontiers) if nodes}, params)
     return [DraftTree.empty() if g is None else g.tree() for g in growers]
+
+
+def _extend(growers: list, logits: torch.Tensor, columns: dict[int, int], params) -> None:
+    """Hand each row's grower its frontier's distributions (from column `columns[b]` on).
+    Greedy chains, the common case, are served together: one argmax over the batch and one
+    host transfer, instead of a handful of host syncs per row and level."""
+    chains = [b for b in columns if isinstance(growers[b], ChainGrower) and growers[b].greedy]
+    if chains:
+        picked = logits[chains, [columns[b] for b in chains]].float().softmax(-1)
+        top1, tokens = picked.max(-1)
+        for b, token, prob in zip(chains, tokens.tolist(), top1.tolist(), strict=True):
+            growers[b].extend_top(token, prob)
+    for b, start in columns.items():
+        if b not in chains:
+            width = len(growers[b].frontier())
+            growers[b].extend(draft_distribution(logits[b, start : start + width], params[b]))
 
 
 def _node_column(tree: DraftTree, node: int, root: int) -> Column:
