@@ -1,6 +1,8 @@
-"""The `quant` KV policy (KIVI 2/4-bit + ZipCache salient tokens): quantization error
-bounds, the cache against exact attention, the Triton kernel against the PyTorch reference
-(TRITON_INTERPRET=1 on CPU, float32), real memory savings, the engine, bad options.
+"""The `quant` KV policy (KIVI 2/4-bit + ZipCache salient tokens): the token-planar packing
+and quantization error bounds, the cache against exact attention (flushes that fill part of
+a packed tile included), the Triton kernel against the PyTorch reference (TRITON_INTERPRET=1
+on CPU: float32 exact, and the fp16 path with its offset codes), its PTX bit tricks
+(emulated), real memory savings, the engine, bad options.
 
     python -m pytest -q tests/test_kv_quant.py        (on a GPU the kernel runs compiled)
 """
@@ -21,11 +23,13 @@ from fastdecode.kv.policies import KVPolicyConfig  # noqa: E402
 from fastdecode.kv.policies.quant import QuantPolicy  # noqa: E402
 from fastdecode.kv.quant import QuantKVCache, quant_attention_reference  # noqa: E402
 from fastdecode.kv.quantize import (  # noqa: E402
+    PLANE,
     dequantize_keys,
     dequantize_values,
     pack,
     quantize_keys,
     quantize_values,
+    tile_tokens,
     unpack,
 )
 from fastdecode.kv.step import StepContext  # noqa: E402
@@ -38,11 +42,22 @@ needs_triton = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_pack_roundtrip_and_error_bounds(bits):
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_pack_roundtrip_and_error_bounds(bits, channel_major):
     torch.manual_seed(0)
-    codes = torch.randint(0, 2**bits, (3, 5, 16), dtype=torch.uint8)
-    assert pack(codes, bits).shape == (3, 5, 16 * bits // 8)
-    assert torch.equal(unpack(pack(codes, bits), bits), codes)
+    tile, dim = tile_tokens(bits), 24
+    codes = torch.randint(0, 2**bits, (3, 2 * tile + 5, dim), dtype=torch.uint8)  # partial tile
+    packed = pack(codes, bits, channel_major)
+    assert packed.shape == ((3, 3, dim, PLANE) if channel_major else (3, 3, PLANE, dim))
+    back = unpack(packed, bits, channel_major)
+    assert torch.equal(back[:, : codes.shape[1]], codes)
+    assert not back[:, codes.shape[1] :].any()  # zero padding
+    # token-planar: byte (row r, channel d) of tile t holds token t*tile + i*PLANE + r at
+    # bits [i*bits, (i+1)*bits); values store the tile transposed ([d, r])
+    for t, i, r, d in [(0, 0, 0, 0), (1, 8 // bits - 1, 3, 7), (1, 1, 15, 23)]:
+        byte = packed[0, t, d, r] if channel_major else packed[0, t, r, d]
+        code = (int(byte) >> (i * bits)) & (2**bits - 1)
+        assert code == int(codes[0, t * tile + i * PLANE + r, d])
 
     k = torch.randn(2, 3, 64, 16) * torch.linspace(0.1, 8, 16)  # outlier channels
     v = torch.randn(2, 3, 64, 16)
@@ -126,6 +141,71 @@ def test_quantized_attention_is_close(bits, tol):
     assert max(errors) < tol
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_flushes_fill_packed_tiles_plane_by_plane(bits):
+    """Groups of 16 tokens are smaller than a packed tile (64 tokens at 2 bits, 32 at 4):
+    each flush rewrites only its planes. Every quantized, non-salient position must still
+    dequantize to its own token within half a step (an overwritten plane would not)."""
+    torch.manual_seed(1)
+    batch, kv_heads, dim, total = 2, 2, 16, 230
+    cache = _cache(batch, kv_heads, context=total, prompt_len=70, bits=bits, group=16,
+                   residual=16, salient=0.05)  # fmt: skip
+    lay, spec = cache.layers[0], cache.spec
+    k_all = torch.randn(batch, kv_heads, total, dim, device=DEVICE) * 3
+    v_all = torch.randn(batch, kv_heads, total, dim, device=DEVICE)
+    lens = torch.tensor([70, 41], device=DEVICE)
+    pos = torch.arange(70, device=DEVICE).expand(batch, 70)
+    rows = torch.arange(batch, device=DEVICE)[:, None]
+    q = torch.randn(batch, 4, 70, dim, device=DEVICE)
+    step = StepContext(pos, pos, rows, None, None, True, lens)
+    cache.store_and_attend(0, q, k_all[:, :, :70], v_all[:, :, :70], step)
+    for i in range(total - 71):
+        p = (lens + i)[:, None]
+        index = p[:, None, :, None].expand(-1, kv_heads, -1, dim)
+        step = StepContext(p, p, rows, None, None, False, None)
+        cache.store_and_attend(0, q[:, :, :1], k_all.gather(2, index), v_all.gather(2, index), step)
+    k = dequantize_keys(lay.kq, lay.ks, lay.kz, bits, spec.group)
+    v = dequantize_values(lay.vq, lay.vs, lay.vz, bits, spec.vgroup)
+    salient = (lay.sal[..., None] >> torch.arange(8, device=DEVICE, dtype=torch.uint8)) & 1
+    salient = salient.flatten(-2).bool()
+    assert (lay.nq % spec.tile != 0).all()  # every row ends inside a packed tile
+    for b in range(batch):
+        n = int(lay.nq[b])
+        keep = ~salient[b, :, :n]  # [H, n]
+        k_step = lay.ks[b].repeat_interleave(spec.group, 1)[:, :n]
+        v_step = lay.vs[b].repeat_interleave(spec.vgroup, -1)[:, :n]
+        k_err = (k[b, :, :n] - k_all[b, :, :n]).abs()
+        v_err = (v[b, :, :n] - v_all[b, :, :n]).abs()
+        assert (k_err <= k_step / 2 + 1e-4)[keep].all()
+        assert (v_err <= v_step / 2 + 1e-4).all()
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "bits,group,head_dim", [(2, 16, 32), (2, 64, 64), (4, 16, 64), (4, 128, 32)]
+)
+def test_triton_flush_matches_pytorch(bits, group, head_dim):
+    """The one-launch Triton flush (used on CUDA) writes exactly what the PyTorch flush
+    writes (same codes, scales, planes, freed ring slots, nq), outside the trash block."""
+    caches = []
+    for fused in (False, True):
+        cache = _cache(2, 2, context=420, prompt_len=150, head_dim=head_dim, bits=bits,
+                       group=group, residual=16, salient=0.05)  # fmt: skip
+        cache.triton_flush = fused
+        list(_run(cache, [150, 61], steps=260, head_dim=head_dim))
+        caches.append(cache)
+    spec = caches[0].spec
+    live = spec.slots - spec.block  # the trash block: PyTorch writes it, Triton skips it
+    limits = {"kq": live // spec.tile, "vq": live // spec.tile, "ks": live // group,
+              "kz": live // group, "vs": live, "vz": live}  # fmt: skip
+    assert int(caches[0].layers[0].nq.min()) >= 256
+    for name, ref in vars(caches[0].layers[0]).items():
+        got = getattr(caches[1].layers[0], name)
+        if name in limits:
+            ref, got = ref[:, :, : limits[name]], got[:, :, : limits[name]]
+        assert torch.equal(ref, got), name
+
+
 def test_high_precision_salient_tokens_reduce_error():
     """ZipCache: keeping the most-attended prompt tokens in full precision helps when a
     few tokens dominate attention (a strong sink-like key)."""
@@ -182,20 +262,93 @@ def test_multi_token_step_and_window_limit():
 
 
 @needs_triton
-@pytest.mark.parametrize("bits,head_dim", [(2, 16), (4, 32)])  # 32: two value groups
-def test_triton_kernel_matches_reference(bits, head_dim):
-    from fastdecode.kv.triton_quant import quant_decode_attention
+@pytest.mark.parametrize(
+    "bits,head_dim,group,heads,kv_heads,sms",
+    [
+        (2, 64, 16, 14, 2, 1),  # GQA group 7; key groups smaller than a tile (per plane)
+        (4, 32, 16, 4, 2, 1),  # two value groups of 16 channels
+        (2, 64, 64, 7, 1, 64),  # a key group per tile; many slices (sms override)
+        (4, 64, 128, 14, 2, 64),  # a key group spans tiles
+    ],
+)
+def test_triton_kernel_matches_reference(bits, head_dim, group, heads, kv_heads, sms, monkeypatch):
+    from fastdecode.kv import triton_quant
+    from fastdecode.kv.triton_quant import launch_shape, quant_decode_attention
 
-    cache = _cache(3, 2, context=200, prompt_len=150, head_dim=head_dim, bits=bits, group=16,
-                   residual=16, salient=0.05)  # fmt: skip
-    *_, (_, _, positions, q) = _run(cache, [150, 97, 9], steps=3, head_dim=head_dim)
+    monkeypatch.setattr(triton_quant, "MIN_SPLIT_BYTES", 1)  # short slices at this size
+
+    cache = _cache(3, kv_heads, context=400, prompt_len=300, head_dim=head_dim, bits=bits,
+                   group=group, residual=16, salient=0.05)  # fmt: skip
+    *_, (_, _, positions, q) = _run(
+        cache, [300, 97, 9], steps=3, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+    )
     lay = cache.layers[0]
     assert int(lay.nq.min()) == 0 and int(lay.nq.max()) > 0  # an empty and a quantized row
     assert (lay.sal > 0).any()
-    lay.fpos[2, :, -1] = 199  # a stale (rolled-back) entry beyond the query: ignored
+    lay.fpos[2, :, -1] = 399  # a stale (rolled-back) entry beyond the query: ignored
+    if sms > 1:  # the slices really split the rows
+        shape = launch_shape(cache.spec, 3, kv_heads, lay.fk.shape[2], head_dim, sms)
+        assert shape[1] > 2 and shape[3] > 1
     ref = quant_attention_reference(q.double(), lay, cache.spec, positions)
-    out = quant_decode_attention(q, lay, cache.spec, positions[:, 0].to(torch.int32))
+    out = quant_decode_attention(q, lay, cache.spec, positions[:, 0].to(torch.int32), sms=sms)
     assert (out.double() - ref).norm() / ref.norm() < TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [2, 4])
+def test_triton_kernel_16bit_path(bits):
+    """16-bit models: codes enter the tensor cores as fp16 1024 + code * 2**(bits*i), q*s
+    and p*s as fp16; the offsets are removed exactly (interpreted here, minus the PTX)."""
+    from fastdecode.kv.triton_quant import quant_decode_attention
+
+    cache = _cache(2, 2, context=400, prompt_len=300, head_dim=64, dtype=torch.float16,
+                   bits=bits, group=64, residual=16, salient=0.05)  # fmt: skip
+    torch.manual_seed(0)
+    lay = cache.layers[0]
+    *_, (_, _, positions, q) = _run(cache, [300, 170], steps=3, heads=14, head_dim=64)
+    k_offset = torch.randn(64, device=DEVICE) * 20  # a large per-channel key offset: q.zero
+    lay.kz.add_(k_offset.to(lay.kz.dtype))
+    q16 = q.to(torch.float16)
+    ref = quant_attention_reference(q16.double(), lay, cache.spec, positions)
+    out = quant_decode_attention(q16, lay, cache.spec, positions[:, 0].to(torch.int32), sms=16)
+    assert (out.double() - ref).norm() / ref.norm() < 3e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ptx_planes_match_masks(bits):
+    """The PTX that splits 4 packed bytes into fp16 planes, run on an emulator of its three
+    instructions for every byte value: plane i of byte x reads 1024 + (x & mask_i), and
+    element k of the pack comes from byte k (low half of each register first)."""
+    pytest.importorskip("triton")
+    from fastdecode.kv.triton_quant import planes_ptx
+
+    per = 8 // bits
+    ptx = planes_ptx(bits)
+    for start in range(0, 256, 4):
+        data = bytes([start, start + 1, start + 2, start + 3])
+        regs = {f"${2 * per}": int.from_bytes(data, "little")}
+        for line in ptx.splitlines():
+            op, *args = line.replace(",", " ").replace(";", "").split()
+            if op == "prmt.b32":
+                d, a, b, sel = args
+                pool = regs[a].to_bytes(4, "little") + int(b, 0).to_bytes(4, "little")
+                sel = int(sel, 0)
+                out = bytes(pool[(sel >> (4 * k)) & 7] for k in range(4))
+                regs[d] = int.from_bytes(out, "little")
+            elif op == "and.b32":
+                d, a, imm = args
+                regs[d] = regs[a] & int(imm, 0)
+            else:
+                assert op in ("{", "}", ".reg"), op
+        for i in range(per):
+            mask = (2**bits - 1) << (bits * i)
+            halves = []
+            for j in range(2):
+                word = regs[f"${2 * i + j}"]
+                halves += [word & 0xFFFF, word >> 16]
+            values = torch.tensor(halves, dtype=torch.int16).view(torch.float16).float()
+            expect = torch.tensor([1024.0 + (x & mask) for x in data])
+            assert torch.equal(values, expect)
 
 
 # -- memory --

@@ -3,11 +3,15 @@ full-precision salient set (KIVI + ZipCache; see fastdecode.kv.policies.quant). 
 
 Layout per layer, for each (row, KV head); every tensor is contiguous:
 
-- quantized region, indexed by position (slot n holds position n), `slots` = C + G
-  (the last group is a trash group that writes of rows with nothing to flush land in,
-  so a flush is one static-shape scatter with no host sync):
-  kq/vq uint8 [B, H, slots, D*bits/8]; keys' scale/zero [B, H, slots/G, D] (per channel,
-  per group of G tokens); values' scale/zero [B, H, slots, D/Gv] (per token);
+- quantized region, indexed by position (slot n holds position n). Codes are packed
+  token-planar (fastdecode.kv.quantize: a tile of 8/bits * 16 tokens is one [16, D] block
+  of bytes, one bit plane per 16 tokens), so a flush writes the L = max(G, tile) token
+  block that holds its group, keeping the other planes' bits. `slots` = C rounded up to
+  L, + L: the last block is a trash block that the writes of rows with nothing to flush
+  land in, so a flush is one static-shape scatter with no host sync.
+  kq uint8 [B, H, slots/tile, 16, D], vq [B, H, slots/tile, D, 16] (a tile's bytes:
+  token rows for keys, channel rows for values); keys' scale/zero [B, H, slots/G, D] (per
+  channel, per group of G tokens); values' scale/zero [B, H, slots, D/Gv] (per token);
   sal uint8 [B, H, slots/8]: bit n set = position n is salient (read from `fk` instead).
   Row b has quantized positions [0, nq[b]), nq a multiple of G.
 - full-precision buffer fk/fv [B, H, F, D] with the position each slot holds, fpos
@@ -21,9 +25,15 @@ writes its T <= R new tokens to the ring, then attends. Visibility is by positio
 is seen by queries at positions >= its own), so rolled-back draft tokens are ignored until
 overwritten; flushed tokens are older than any draft as long as T <= R.
 
+On CUDA a decode step's flush and ring write are one Triton launch per layer
+(fastdecode.kv.triton_quant.flush_quantized: same arithmetic, identical codes; rows with
+nothing to flush write nothing), instead of the ~110 small PyTorch kernels of `_flush` and
+`_write_ring` that a CUDA graph would replay every step.
+
 Single-token decode steps use the Triton kernel on CUDA (fastdecode.kv.triton_quant:
-dequantizes in registers); prefill is exact causal attention over the prompt; other steps
-(and CPU) use `quant_attention_reference`, which dequantizes and runs SDPA.
+reads the packed bit planes as tensor-core operands, scales folded into q and p); prefill
+is exact causal attention over the prompt; other steps (and CPU) use
+`quant_attention_reference`, which dequantizes and runs SDPA.
 """
 
 from __future__ import annotations
@@ -36,10 +46,15 @@ import torch.nn.functional as F
 from fastdecode.kv.attention import decode_kernel_available, prompt_attention
 from fastdecode.kv.policies.quant import QuantPolicy
 from fastdecode.kv.quantize import (
+    PLANE,
     dequantize_keys,
     dequantize_values,
+    key_codes,
+    pack,
     quantize_keys,
     quantize_values,
+    tile_tokens,
+    value_codes,
 )
 from fastdecode.kv.step import StepContext
 
@@ -74,7 +89,9 @@ class QuantSpec:
     residual: int  # R
     salient: int  # S: salient slots per (row, KV head)
     ring: int  # W = R + G
-    slots: int  # quantized slots incl. the trash group
+    slots: int  # quantized slots incl. the trash block
+    tile: int  # tokens per packed tile (8 / bits planes of 16 tokens)
+    block: int  # L = max(G, tile): the token block a flush rewrites (whole bytes)
 
 
 class QuantKVCache:
@@ -95,9 +112,11 @@ class QuantKVCache:
     ) -> None:
         group = policy.group
         vgroup = min(group, head_dim)
-        if head_dim % vgroup or head_dim % (8 // policy.bits):
+        if head_dim % vgroup:
             raise ValueError(f"quant KV: head_dim {head_dim} is not a multiple of {vgroup}")
-        capacity = -(-context // group) * group
+        tile = tile_tokens(policy.bits)
+        block = max(group, tile)
+        capacity = -(-context // block) * block
         self.spec = QuantSpec(
             bits=policy.bits,
             group=group,
@@ -105,23 +124,25 @@ class QuantKVCache:
             residual=policy.residual,
             salient=policy.salient_count(prompt_len),
             ring=policy.residual + group,
-            slots=capacity + group,
+            slots=capacity + block,
+            tile=tile,
+            block=block,
         )
         self.policy = policy
         self.batch, self.capacity, self.num_layers = batch, context, num_layers
         self.dtype = dtype
         meta = torch.float16 if dtype.itemsize == 2 else dtype  # scales: fp16 for 16-bit models
         s, base = self.spec, (batch, num_kv_heads)
-        packed = head_dim * s.bits // 8
+        tiles = s.slots // s.tile
         extra = s.salient + s.ring
 
         def layer() -> QuantLayer:
             kw = dict(device=device)
             return QuantLayer(
-                kq=torch.zeros(*base, s.slots, packed, dtype=torch.uint8, **kw),
+                kq=torch.zeros(*base, tiles, PLANE, head_dim, dtype=torch.uint8, **kw),
                 ks=torch.ones(*base, s.slots // group, head_dim, dtype=meta, **kw),
                 kz=torch.zeros(*base, s.slots // group, head_dim, dtype=meta, **kw),
-                vq=torch.zeros(*base, s.slots, packed, dtype=torch.uint8, **kw),
+                vq=torch.zeros(*base, tiles, head_dim, PLANE, dtype=torch.uint8, **kw),
                 vs=torch.ones(*base, s.slots, head_dim // vgroup, dtype=meta, **kw),
                 vz=torch.zeros(*base, s.slots, head_dim // vgroup, dtype=meta, **kw),
                 sal=torch.zeros(*base, s.slots // 8, dtype=torch.uint8, **kw),
@@ -132,6 +153,11 @@ class QuantKVCache:
             )
 
         self.layers = [layer() for _ in range(num_layers)]
+        # flushes: one Triton launch per layer on CUDA (the PyTorch version is ~100 small
+        # kernels per layer and step); the PyTorch one on the CPU and as the reference
+        self.triton_flush = decode_kernel_available(torch.device(device)) and _kernel_fits(
+            self.spec, head_dim
+        )
 
     def nbytes(self) -> int:
         """The true footprint: packed codes, scales, salient bits, the full-precision
@@ -155,13 +181,19 @@ class QuantKVCache:
                 f"({self.spec.residual}); raise `residual`"
             )
         positions = step.positions.to(torch.int32)
-        for _ in range(-(-k.shape[2] // self.spec.group)):
-            self._flush(lay, positions[:, -1] + 1)
-        self._write_ring(lay, k, v, positions)
-        if q.shape[2] == 1 and decode_kernel_available(q.device):
-            from fastdecode.kv.triton_quant import quant_decode_attention
+        if self.triton_flush and k.shape[2] == 1:  # decode: flush + ring write, one launch
+            from fastdecode.kv.triton_quant import flush_quantized
 
-            return quant_decode_attention(q, lay, self.spec, positions[:, 0])
+            flush_quantized(lay, self.spec, positions[:, 0] + 1, k, v)
+        else:
+            for _ in range(-(-k.shape[2] // self.spec.group)):
+                self._flush(lay, positions[:, -1] + 1)
+            self._write_ring(lay, k, v, positions)
+        if q.shape[2] == 1 and decode_kernel_available(q.device):
+            if _kernel_fits(self.spec, q.shape[-1]):
+                from fastdecode.kv.triton_quant import quant_decode_attention
+
+                return quant_decode_attention(q, lay, self.spec, positions[:, 0])
         return quant_attention_reference(q, lay, self.spec, positions)
 
     def move(self, batch_index, src, dst) -> None:
@@ -198,7 +230,7 @@ class QuantKVCache:
                 k[:, :, :full], s.bits, s.group, lay.ks.dtype, salient[:, :, :full]
             )
             vq, vs, vz = quantize_values(v[:, :, :full], s.bits, s.vgroup, lay.vs.dtype)
-            lay.kq[:, :, :full], lay.vq[:, :, :full] = kq, vq
+            lay.kq[:, :, : kq.shape[2]], lay.vq[:, :, : vq.shape[2]] = kq, vq  # whole tiles
             lay.ks[:, :, : full // s.group], lay.kz[:, :, : full // s.group] = ks, kz
             lay.vs[:, :, :full], lay.vz[:, :, :full] = vs, vz
         # the ring: each row's last W prompt positions that are not quantized
@@ -210,7 +242,11 @@ class QuantKVCache:
     # -- decode / multi-token steps --
     def _flush(self, lay: QuantLayer, end: torch.Tensor) -> None:
         """Quantize each row's oldest ring group once R newer tokens exist (end = the row's
-        length after this step); rows with nothing to flush write the trash group."""
+        length after this step); rows with nothing to flush write the trash block."""
+        if self.triton_flush:
+            from fastdecode.kv.triton_quant import flush_quantized
+
+            return flush_quantized(lay, self.spec, end)
         s = self.spec
         target = (end - s.residual).clamp(min=0) // s.group * s.group
         do = lay.nq + s.group <= target  # [B]
@@ -218,13 +254,13 @@ class QuantKVCache:
         ring_slot = (s.salient + pos % s.ring).long()
         k = lay.fk.gather(2, _index(ring_slot, lay.fk))
         v = lay.fv.gather(2, _index(ring_slot, lay.fv))
-        kq, ks, kz = quantize_keys(k, s.bits, s.group, lay.ks.dtype)
-        vq, vs, vz = quantize_values(v, s.bits, s.vgroup, lay.vs.dtype)
-        trash = s.slots - s.group
-        dest = torch.where(do[:, None], pos, trash + pos - lay.nq[:, None]).long()  # [B, G]
+        kc, ks, kz = key_codes(k, s.bits, s.group, lay.ks.dtype)
+        vc, vs, vz = value_codes(v, s.bits, s.vgroup, lay.vs.dtype)
+        first = torch.where(do, lay.nq, s.slots - s.block)  # [B]: the trash block if not
         rows = torch.arange(end.shape[0], device=end.device)
-        _put_tokens(lay.kq, rows, dest, kq)
-        _put_tokens(lay.vq, rows, dest, vq)
+        self._put_codes(lay.kq, rows, first, kc, channel_major=False)
+        self._put_codes(lay.vq, rows, first, vc, channel_major=True)
+        dest = (first[:, None] + torch.arange(s.group, device=end.device)).long()  # [B, G]
         _put_tokens(lay.vs, rows, dest, vs)
         _put_tokens(lay.vz, rows, dest, vz)
         group_dest = dest[:, :1] // s.group
@@ -234,6 +270,28 @@ class QuantKVCache:
         cleared = torch.where(do[:, None, None], -1, old)
         lay.fpos.scatter_(2, ring_slot[:, None].expand_as(cleared), cleared)
         lay.nq.add_(do.to(torch.int32) * s.group)
+
+    def _put_codes(self, buf: torch.Tensor, rows, first, codes: torch.Tensor, channel_major):
+        """Write one group's codes [B, H, G, D] at tokens first[b] + [0, G) of the packed
+        buf [B, H, tiles, *tile bytes*]: repack the L-token block that holds them, keeping
+        the bits of the block's other tokens (when G < tile, a group fills some planes)."""
+        s = self.spec
+        batch, heads, group, dim = codes.shape
+        base = first // s.block * s.block
+        count = s.block // s.tile
+        tiles = (base[:, None] // s.tile + torch.arange(count, device=first.device)).long()
+        flat = buf.view(batch, heads, buf.shape[2], -1)  # [B, H, tiles, PLANE * D]
+        if group == s.block:  # the group is whole tiles: overwrite
+            new = pack(codes, s.bits, channel_major)
+        else:
+            at = ((first - base)[:, None] + torch.arange(group, device=first.device)).long()
+            block = codes.new_zeros(batch, heads, s.block, dim)
+            block.scatter_(2, _index(at, block), codes)
+            ones = codes.new_zeros(batch, 1, s.block, 1)
+            ones.scatter_(2, at[:, None, :, None], 2**s.bits - 1)
+            old = flat.gather(2, _index(tiles, flat)).view(batch, heads, count, *buf.shape[3:])
+            new = (old & ~pack(ones, s.bits, channel_major)) | pack(block, s.bits, channel_major)
+        _put_tokens(flat, rows, tiles, new.reshape(batch, heads, count, -1))
 
     def _write_ring(self, lay: QuantLayer, k, v, positions: torch.Tensor) -> None:
         self._ring_put(lay, k, v, positions, torch.ones_like(positions, dtype=torch.bool))
@@ -246,6 +304,12 @@ class QuantKVCache:
         lay.fv.scatter_(2, _index(slot, lay.fv), v.to(lay.fv.dtype))
         tags = torch.where(keep, pos, -1).to(torch.int32)[:, None].expand(-1, k.shape[1], -1)
         lay.fpos.scatter_(2, slot[:, None].expand_as(tags), tags)
+
+
+def _kernel_fits(spec: QuantSpec, head_dim: int) -> bool:
+    """Shapes the Triton kernels handle: a power-of-two head_dim >= 16 (tl.arange and
+    tl.dot tiles; vgroup >= 16 follows from group >= 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def _index(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -261,7 +325,7 @@ def _put_tokens(buf: torch.Tensor, rows: torch.Tensor, dest: torch.Tensor, x: to
 def quant_visibility(lay: QuantLayer, positions: torch.Tensor) -> torch.Tensor:
     """bool [B, H, T, slots + F]: what a query at positions [B, T] sees, quantized slots
     first (position n < nq, not salient) then the full-precision buffer (0 <= fpos <= p)."""
-    slots = lay.kq.shape[2]
+    slots = lay.sal.shape[-1] * 8
     n = torch.arange(slots, device=positions.device)
     salient = (lay.sal[..., None] >> torch.arange(8, device=n.device, dtype=torch.uint8)) & 1
     salient = salient.flatten(-2).bool()  # [B, H, slots]

@@ -17,6 +17,10 @@ small salient set) at `bits` bits, so attention reads approximate keys and value
   kernel reads it with the residual window) and is excluded from its key group's range.
   Tokens generated later are not re-scored: they go to `bits` when they leave the window.
 
+Storage and speed: codes are packed token-planar (fastdecode.kv.quantize) and read by a
+Triton kernel that folds the scales into q and p (fastdecode.kv.triton_quant); groups of
+>= 64 tokens (the default) cost the kernel one scale fold per 64-token tile or less.
+
 Budget: unused. Quantization keeps every position; the memory is set by `bits`, `group`,
 `residual` and `salient` (see `QuantKVCache.nbytes`). The budget is still validated by the
 shared code (a fraction <= 1 or at most the context), so leave it at its default of 1.0.
@@ -32,7 +36,7 @@ from fastdecode.kv.policies.base import KVPolicy
 from fastdecode.kv.policies.snapkv import window_attention
 from fastdecode.kv.quantize import SUPPORTED_BITS
 
-MIN_GROUP = 16  # the Triton kernel's smallest tile (tl.dot needs 16 rows)
+MIN_GROUP = 16  # a bit plane of the packed codes (16 tokens) must lie in one key group
 
 
 class QuantPolicy(KVPolicy):
