@@ -153,11 +153,12 @@ class QuantKVCache:
             )
 
         self.layers = [layer() for _ in range(num_layers)]
-        # flushes: one Triton launch per layer on CUDA (the PyTorch version is ~100 small
-        # kernels per layer and step); the PyTorch one on the CPU and as the reference
-        self.triton_flush = decode_kernel_available(torch.device(device)) and _kernel_fits(
-            self.spec, head_dim
-        )
+        # flushes: the Triton kernel does one launch per layer (the PyTorch version is ~100
+        # small kernels per layer and step) and writes bit-identical codes under Triton's
+        # interpreter, but on the H100 its codes differed from PyTorch's in the equality
+        # test (tests/test_kv_quant.py::test_triton_flush_matches_pytorch, not yet
+        # diagnosed): off until that test passes on the GPU. Opt in with triton_flush=True.
+        self.triton_flush = False
 
     def nbytes(self) -> int:
         """The true footprint: packed codes, scales, salient bits, the full-precision

@@ -44,6 +44,15 @@ def _rope(x_ptr, offs_row, d, cos, sin, HEAD_DIM: tl.constexpr, mask):
 
 
 @triton.jit
+def _dot(a, b):
+    """a @ b in fp32. float32 operands (the tests' precision) get IEEE products rather than
+    the TF32 default, so the GPU kernels match the PyTorch references as tightly as on CPU."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b).to(tl.float32)
+
+
+@triton.jit
 def online_softmax_block(q, k, v, valid, m, total, acc, scale):
     """Fold one block of keys/values into the running (max, sum, weighted values) of the
     query group q [G, D]; invalid columns count for nothing (also when all are invalid)."""
@@ -53,14 +62,14 @@ def online_softmax_block(q, k, v, valid, m, total, acc, scale):
 @triton.jit
 def masked_softmax_block(q, k, v, visible, m, total, acc, scale):
     """`online_softmax_block` with a per-query mask `visible` [G, BLOCK] (tree attention)."""
-    scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    scores = _dot(q, tl.trans(k)) * scale
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
     total = total * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
     return m_new, total, acc
 
 
