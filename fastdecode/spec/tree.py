@@ -88,12 +88,19 @@ class DraftTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """[N, N] bool: row i is True at i and at every ancestor of i."""
-        n = len(self)
-        mask = torch.eye(n, dtype=torch.bool)
+        return torch.tensor(self.ancestor_rows(len(self)), dtype=torch.bool).reshape(
+            len(self), len(self)
+        )
+
+    def ancestor_rows(self, width: int) -> list[list[bool]]:
+        """`ancestor_mask` as Python lists, rows padded to `width` columns (batched verify
+        inputs are built from lists: one tensor per batch, not per row)."""
+        rows: list[list[bool]] = []
         for i, p in enumerate(self.parents):
-            if p >= 0:
-                mask[i] |= mask[p]
-        return mask
+            row = list(rows[p]) if p >= 0 else [False] * width
+            row[i] = True
+            rows.append(row)
+        return rows
 
 
 @dataclass
@@ -135,18 +142,22 @@ class TreeBatch:
 def pad_trees(trees: Sequence[DraftTree], width: int | None = None) -> TreeBatch:
     """Stack trees into tensors of one width (default: the largest tree)."""
     width = max((len(t) for t in trees), default=0) if width is None else width
-    batch = len(trees)
-    tokens = torch.zeros(batch, width, dtype=torch.long)
-    depth = torch.ones(batch, width, dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1)
-    valid = torch.zeros(batch, width, dtype=torch.bool)
-    for b, tree in enumerate(trees):
+    tokens, depth, mask, valid = [], [], [], []
+    for tree in trees:
         n = len(tree)
         if n > width:
             raise ValueError(f"tree of {n} nodes does not fit width {width}")
-        if n:
-            tokens[b, :n] = torch.tensor(tree.tokens)
-            depth[b, :n] = torch.tensor(tree.depth)
-            mask[b, :n, :n] = tree.ancestor_mask()
-            valid[b, :n] = True
-    return TreeBatch(tokens, depth, mask, valid)
+        pad = width - n
+        tokens.append(tree.tokens + [0] * pad)
+        depth.append(tree.depth + [1] * pad)
+        mask.append(
+            tree.ancestor_rows(width) + [[j == i for j in range(width)] for i in range(n, width)]
+        )
+        valid.append([True] * n + [False] * pad)
+    batch = len(trees)
+    return TreeBatch(
+        torch.tensor(tokens, dtype=torch.long).reshape(batch, width),
+        torch.tensor(depth, dtype=torch.long).reshape(batch, width),
+        torch.tensor(mask, dtype=torch.bool).reshape(batch, width, width),
+        torch.tensor(valid, dtype=torch.bool).reshape(batch, width),
+    )

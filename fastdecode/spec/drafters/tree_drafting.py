@@ -111,31 +111,33 @@ def _step_inputs(rows: list[list[Column]], trash: int, device):
     """tokens, positions, slots [B, W] and what each column sees, as a `TreeMask`: the
     row's shortest visible prefix shared by all its columns, plus the slots after it that a
     column also sees (the rest of its own prefix, its ancestors and itself), so the forward
-    can attend with the tree kernel. Columns past a row's own are padding (slot `trash`)."""
+    can attend with the tree kernel. Columns past a row's own are padding (slot `trash`).
+    Built as Python lists, one tensor each: this runs once per draft level for every row."""
     width = max(1, max(len(r) for r in rows))
-    batch = len(rows)
-    tokens = torch.zeros(batch, width, dtype=torch.long)
-    positions = torch.zeros(batch, width, dtype=torch.long)
-    slots = torch.full((batch, width), trash, dtype=torch.long)
-    prefix = torch.tensor([min((c[3] for c in r), default=0) for r in rows])
-    ends = [
-        max([c[3]] + [s + 1 for s in c[4]]) - int(prefix[b]) for b, r in enumerate(rows) for c in r
-    ]
-    local = torch.zeros(batch, width, max([1] + ends), dtype=torch.bool)
-    local[:, :, 0] = True  # padding columns see the row's first block slot (kept finite)
-    for b, columns in enumerate(rows):
-        start = int(prefix[b])
-        for j, (token, position, slot, visible, more) in enumerate(columns):
-            tokens[b, j], positions[b, j], slots[b, j] = token, position, slot
-            local[b, j] = False
-            local[b, j, : visible - start] = True
-            local[b, j, [s - start for s in more]] = True
-    return (
-        tokens.to(device),
-        positions.to(device),
-        slots.to(device),
-        TreeMask(prefix, local).to(device),
-    )
+    prefix = [min((c[3] for c in r), default=0) for r in rows]
+    ends = [max([c[3]] + [s + 1 for s in c[4]]) - prefix[b] for b, r in enumerate(rows) for c in r]
+    block = max([1] + ends)
+    pad_local = [True] + [False] * (block - 1)  # padding columns see the first block slot
+    ids, local = [], []
+    for start, columns in zip(prefix, rows, strict=True):
+        pad = width - len(columns)
+        ids.append(
+            [
+                [c[0] for c in columns] + [0] * pad,
+                [c[1] for c in columns] + [0] * pad,
+                [c[2] for c in columns] + [trash] * pad,
+            ]
+        )
+        for _, _, _, visible, more in columns:
+            seen = [i < visible - start for i in range(block)]
+            for slot in more:
+                seen[slot - start] = True
+            local.append(seen)
+        local.extend([pad_local] * pad)
+    ids = torch.tensor(ids, dtype=torch.long).to(device)  # [B, 3, W]: one transfer
+    local = torch.tensor(local, dtype=torch.bool).reshape(len(rows), width, block)
+    mask = TreeMask(torch.tensor(prefix), local).to(device)
+    return ids[:, 0], ids[:, 1], ids[:, 2], mask
 
 
 def draft_trees(
@@ -168,8 +170,7 @@ def draft_trees(
             break
         rows = []
         for b, nodes in enumerate(frontiers):
-            tree = growers[b].tree() if nodes else None
-            rows.append([_node_column(tree, node, roots[b]) for node in nodes])
+            rows.append([_node_column(growers[b], node, roots[b]) for node in nodes])
         logits = forward(*_step_inputs(rows, trash, device))
         _extend(growers, logits, {b: 0 for b, nodes in enumerate(frontiers) if nodes}, params)
     return [DraftTree.empty() if g is None else g.tree() for g in growers]
@@ -191,13 +192,13 @@ def _extend(growers: list, logits: torch.Tensor, columns: dict[int, int], params
             growers[b].extend(draft_distribution(logits[b, start : start + width], params[b]))
 
 
-def _node_column(tree: DraftTree, node: int, root: int) -> Column:
-    """Node `node` sits at slot root + 1 + node and RoPE position root + depth; it sees the
-    prefix up to the root, its ancestors and itself."""
+def _node_column(grower, node: int, root: int) -> Column:
+    """Node `node` of a grower's tree sits at slot root + 1 + node and RoPE position
+    root + depth; it sees the prefix up to the root, its ancestors and itself."""
     ancestors = []
-    parent = tree.parents[node]
+    parent = grower.parents[node]
     while parent >= 0:
         ancestors.append(root + 1 + parent)
-        parent = tree.parents[parent]
+        parent = grower.parents[parent]
     slot = root + 1 + node
-    return (tree.tokens[node], root + tree.depth[node], slot, root + 1, ancestors + [slot])
+    return (grower.tokens[node], root + grower.depths[node], slot, root + 1, ancestors + [slot])
