@@ -13,6 +13,8 @@ is what a decode step pays for.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -28,9 +30,21 @@ def gather_block(split: int) -> int:
     return min(split, 2 * BLOCK_N)
 
 
-def split_size(capacity: int) -> int:
-    """Slots per program: few loop trips (latency) but not thousands of slices to merge."""
-    return min(1024, max(BLOCK_N, triton.next_power_of_2(triton.cdiv(capacity, TARGET_SPLITS))))
+def split_size(capacity: int, rows: int = 1) -> int:
+    """Slots per program: few loop trips (latency) but not thousands of slices to merge, and
+    enough programs for the GPU: `rows` (row, KV head) pairs x slices >= two waves of SMs.
+    At batch 1 a long context otherwise runs on a few dozen programs, each streaming its
+    slice alone (flash-decoding's point: split the sequence until the machine is full)."""
+    slices = max(TARGET_SPLITS, triton.cdiv(2 * streaming_multiprocessors(), rows))
+    return min(1024, max(BLOCK_N, triton.next_power_of_2(triton.cdiv(capacity, slices))))
+
+
+@functools.cache
+def streaming_multiprocessors() -> int:
+    """The current GPU's SM count (132 on an H100 SXM; the interpreter has no GPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
 
 
 @triton.jit
@@ -189,7 +203,7 @@ def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
     batch = lengths.shape[0]
     num_kv_heads, capacity, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = num_heads // num_kv_heads
-    split = split_size(capacity)
+    split = split_size(capacity, batch * num_kv_heads)
     num_splits = triton.cdiv(capacity, split)
     partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, q.device)
     _split_kernel[(batch, num_kv_heads, num_splits)](

@@ -113,7 +113,7 @@ def fused_gathered_attention(
     batch, num_kv_heads, num_selected = indices.shape
     head_dim = k_cache.shape[3]
     group = num_heads // num_kv_heads
-    split = split_size(num_selected)
+    split = split_size(num_selected, batch * num_kv_heads)
     num_splits = triton.cdiv(num_selected, split)
     partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, qkv.device)
     _fused_gathered_kernel[(batch, num_kv_heads, num_splits)](

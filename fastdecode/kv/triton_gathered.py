@@ -81,7 +81,7 @@ def gathered_decode_attention(
     num_kv_heads = k_cache.shape[1]
     num_selected = indices.shape[2]
     group = num_heads // num_kv_heads
-    split = split_size(num_selected)
+    split = split_size(num_selected, batch * num_kv_heads)
     num_splits = triton.cdiv(num_selected, split)
     partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, q.device)
     _gathered_split_kernel[(batch, num_kv_heads, num_splits)](

@@ -118,7 +118,7 @@ def tree_attention(
     group = num_heads // num_kv_heads
     rows = min(QUERY_TILE, max(16, triton.next_power_of_2(group * length)))
     tiles = triton.cdiv(group * length, rows)
-    split = split_size(capacity)
+    split = split_size(capacity, batch * num_kv_heads)
     block = local.shape[2]
     tree_block = max(16, min(BLOCK_N, triton.next_power_of_2(block)))
     num_splits = triton.cdiv(capacity, split) + 1  # + the tree slice
