@@ -48,10 +48,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def measure_bandwidth(gib: float = 2.0, repeats: int = 20) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+def measure_bandwidth(gib: float = 2.0, repeats: int = 20, device="cuda") -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (NaN
+    without a GPU)."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
     n = int(gib * 2**30) // 2
-    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    src = torch.randn(n, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)

@@ -41,7 +41,9 @@ import torch
 import triton
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from decode import measure_bandwidth  # noqa: E402
 
 from fastdecode.kv.policies.quant import QuantPolicy  # noqa: E402
 from fastdecode.kv.quant import (  # noqa: E402
@@ -144,27 +146,6 @@ class Timer:
             events.append((start, end))
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def copy_bandwidth(device, gib: float = 2.0, repeats: int = 20) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    if torch.device(device).type != "cuda":
-        return float("nan")
-    n = int(gib * 2**30) // 2
-    src = torch.randn(n, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * n * 2 / statistics.median(times)
 
 
 def bench(args, batch: int, ctx: int, bits: int, bandwidth: float, timer: Timer) -> dict:
@@ -335,7 +316,7 @@ def main() -> None:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("kv_quant.py: no CUDA device (for a CPU smoke run: TRITON_INTERPRET=1 "
                  "... --device cpu --context 512)")  # fmt: skip
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth = measure_bandwidth(device=args.device)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)", flush=True)
     report = {"meta": _meta(args, bandwidth), "rows": []}
     timer = Timer(args.device, args.repeats, args.warmup)

@@ -72,7 +72,7 @@ def _indices(batch, kv_heads, positions, k, generator):
 def test_fused_gathered_kernel_matches_reference(group, k):
     """Ragged lengths (a row of 1 slot, rows with fewer visible slots than K: -1 padding),
     the new slot listed or not, GQA groups 1, 2 and 7."""
-    from fastdecode.kv.triton_fused_gathered import fused_gathered_attention
+    from fastdecode.kv.triton_gathered import fused_gathered_attention
 
     generator = torch.Generator().manual_seed(k + group)
     batch, kv_heads, head_dim, capacity = 5, 2, 16, 300

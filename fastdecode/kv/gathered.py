@@ -94,6 +94,6 @@ def fused_gathered_attention(
 ) -> torch.Tensor:
     """The Triton kernel (on CUDA, or Triton's interpreter on CPU): the fused selective
     decode step only runs where the kernels do, so there is no fallback here."""
-    from fastdecode.kv.triton_fused_gathered import fused_gathered_attention as kernel
+    from fastdecode.kv.triton_gathered import fused_gathered_attention as kernel
 
     return kernel(qkv, k_cache, v_cache, indices, positions, cos, sin, num_heads)

@@ -40,11 +40,13 @@ def split_size(capacity: int, rows: int = 1) -> int:
 
 
 @functools.cache
-def streaming_multiprocessors() -> int:
-    """The current GPU's SM count (132 on an H100 SXM; the interpreter has no GPU)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132
+def streaming_multiprocessors(device_index: int | None = None) -> int:
+    """A GPU's SM count (cached: no query in the hot loop); 132, an H100 SXM's, without
+    one (Triton's interpreter)."""
+    if not torch.cuda.is_available():
+        return 132
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit
@@ -157,9 +159,19 @@ def _split_kernel(
             total = total * alpha + p_new
             acc = acc * alpha[:, None] + p_new[:, None] * v_rounded[None, :]
             m = m_new
-    out = acc / total[:, None]
-    tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=group_mask)
-    tl.store(lse_ptr + row, m + tl.log(total), mask=g < GROUP)
+    store_partial(out_ptr, lse_ptr, row, g < GROUP, acc, m, total, d, HEAD_DIM)
+
+
+@triton.jit
+def store_partial(out_ptr, lse_ptr, row, row_ok, acc, m, total, d, HEAD_DIM: tl.constexpr):
+    """Write one slice's normalized output and log-sum-exp for rows `row` [R] where row_ok
+    [R]; a slice that saw nothing (padding, past a row's length) gets lse -inf, i.e.
+    weight 0 in the merge."""
+    seen = total > 0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + row, lse, mask=row_ok)
 
 
 @triton.jit

@@ -47,7 +47,6 @@ inputs skip the fp16 tricks (offset 0, VSCALE 1), so that path is exact.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -56,6 +55,7 @@ import triton.language as tl
 
 from fastdecode.kv.quant import QuantLayer, QuantSpec
 from fastdecode.kv.quantize import PLANE
+from fastdecode.kv.triton_decode import streaming_multiprocessors
 
 LOG2E = 1.4426950408889634
 FBLOCK = 32  # full-precision slots per block
@@ -475,10 +475,7 @@ def flush_quantized(
     lay.nq.copy_(nq_out)
 
 
-@functools.cache
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: no query in the hot loop)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+sm_count = streaming_multiprocessors  # the quant kernels' launch shape depends on it
 
 
 def _interpreting() -> bool:

@@ -27,6 +27,7 @@ from fastdecode.kv.triton_decode import (
     online_softmax_block,
     split_scratch,
     split_size,
+    store_partial,
 )
 
 QUERY_TILE = 64  # query rows (group x tree columns) per program
@@ -92,12 +93,7 @@ def _tree_split_kernel(
             k = _rows(k_base, n, stride_ks, d, valid)
             v = _rows(v_base, n, stride_vs, d, valid)
             m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
-    # a slice that saw nothing (past the prefix) gets weight 0 in the merge
-    seen = total > 0
-    out = acc / tl.where(seen, total, 1.0)[:, None]
-    tl.store(out_ptr + out_row[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
-    lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-    tl.store(lse_ptr + out_row, lse, mask=row_ok)
+    store_partial(out_ptr, lse_ptr, out_row, row_ok, acc, m, total, d, HEAD_DIM)
 
 
 def tree_attention(
