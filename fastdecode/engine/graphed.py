@@ -110,6 +110,28 @@ class GraphedForward:
         graph.replay()
         return logits[:, :width]
 
+    def prepare(self, batch: int, max_width: int) -> None:
+        """Capture the verify graphs of every width bucket up to `max_width` now, so that a
+        step whose draft is shorter than usual (an early exit, the end of a request) never
+        pays a capture -- or a first kernel compile -- in the middle of decoding. The dummy
+        columns write only the trash slot and read slot 0 onwards (outputs discarded)."""
+        if not self.enabled:
+            return
+        device = self.model.device
+        trash = trash_slot(self.cache)
+        for width in WIDTH_BUCKETS:
+            if width < 2 or width > bucket(max_width):
+                continue
+            if (batch, width, width) in self._graphs:
+                continue
+            zeros = torch.zeros(batch, width, dtype=torch.long, device=device)
+            slots = torch.full_like(zeros, trash)
+            local = torch.eye(width, dtype=torch.bool, device=device).expand(batch, -1, -1)
+            mask = TreeMask(torch.zeros(batch, dtype=torch.long, device=device), local)
+            self(zeros, zeros, slots, mask)
+            if not self.enabled:  # a capture failed: eager from now on
+                return
+
     def _forward(self, tokens, positions, slots, mask) -> torch.Tensor:
         return self.model.forward(
             tokens, positions, self.cache, slots=slots, mask=mask, decode=True,

@@ -122,6 +122,7 @@ def run_speculative(
     allocate = getattr(drafter, "allocate", None)
     cache = allocate(runner, batch, needed, longest) if allocate else runner.allocate(batch, needed)
     verify_forward = runner.multi_forward()
+    verify_forward.prepare(batch, 1 + num_draft_tokens)
     generators = [make_generator(p, device) for p in params]
     timing.rows = [SpecStats() for _ in prompts]
 
