@@ -9,8 +9,8 @@ PyTorch reference below gathers a copy and runs masked SDPA.
 
 `fused_gathered_attention` is the single-token decode step's version that also takes the
 new token's raw QKV projection: it applies RoPE, stores k/v and attends in one Triton launch
-(`fastdecode.kv.triton_fused_gathered`); `fused_gathered_attention_reference` spells out the
-same contract in PyTorch.
+(`fastdecode.kv.triton_gathered`); `fused_gathered_attention_reference` spells out the same
+contract in PyTorch.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ layer by the cache's `ReadPolicy`:
 
 - a layer the policy reads sparsely (`select` returns slots [B, Hkv, K]): one Triton launch
   that applies RoPE, stores the new k/v and attends over just those slots
-  (`fastdecode.kv.triton_fused_gathered`), plus the merge;
+  (`fastdecode.kv.triton_gathered.fused_gathered_attention`), plus the merge;
 - a layer that attends fully (TidalDecode's first layers and its token-selection layers,
   Quest's dense layers, or every layer while `sparse_reads` is off): the dense fused kernel.
   A selection layer (TidalDecode: Yang et al., 2024) also computes its attention weights
