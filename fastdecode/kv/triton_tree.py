@@ -1,13 +1,14 @@
 """Tree-verify attention in Triton: T queries per row (the last accepted token and a draft
-tree) over a long cached prefix plus the tree's own T slots.
+tree, or one level of a tree being drafted) over a long cached prefix plus a small block of
+M slots right after it (the tree's own).
 
 Every query of a row sees the whole prefix, so the prefix is read as a decode step reads
 it (split-K, "flash-decoding"): each program takes one slice of one (row, KV head)'s
 prefix and serves a tile of that head's G x T queries (the GQA group times the tree's
 columns, folded into one axis) with one matrix product, so K/V are read once per query
 tile instead of once per query head, and no [T, capacity] mask is built or read. One extra
-slice per (row, KV head) attends to the T tree slots under the tree mask (SpecInfer's
-tree attention). The slices are merged by log-sum-exp with `triton_decode`'s merge kernel.
+slice per (row, KV head) attends to the block under the T x M tree mask (SpecInfer's tree
+attention). The slices are merged by log-sum-exp with `triton_decode`'s merge kernel.
 
 Masked SDPA over the capacity (the fallback) reads every slot of the capacity and a mask
 of G x T x capacity bytes per row and layer; at 8K-32K contexts that made a verify step
