@@ -26,72 +26,24 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from fastdecode.engine.generate import BatchTiming, _synchronize
+from fastdecode.engine.generate import _synchronize
 from fastdecode.engine.graphed import trash_slot
+from fastdecode.engine.plain_burst import plain_burst
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.sampling import make_generator, select_tokens
+from fastdecode.engine.spec_state import Contexts, SpecStats, SpecTiming
 from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
 from fastdecode.spec.tree import DraftTree, pad_trees
-from fastdecode.spec.verify import Verdict, verify_batch
+from fastdecode.spec.verify import verify_batch
 
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy
-
-
-@dataclass
-class SpecStats:
-    """One request's speculation record.
-
-    steps: verify steps taken while the request was unfinished; emitted: tokens those steps
-    produced (after stop truncation), so tau = emitted / steps (plain decoding: 1.0).
-    proposed[k] / accepted[k]: steps with a draft node at depth k + 1 / steps that accepted
-    one. draft_s: this request's drafting time; verify_s: wall time of the verify steps it
-    took part in (the batch shares them). cache_length: slots of the request in the cache
-    that hold accepted tokens (all but the last emitted token).
-    """
-
-    steps: int = 0
-    emitted: int = 0
-    proposed: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    cache_length: int = 0
-
-    @property
-    def tau(self) -> float:
-        return self.emitted / self.steps if self.steps else 0.0
-
-    @property
-    def acceptance(self) -> list[float]:
-        """Per draft position: accepted / proposed."""
-        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed, strict=True)]
-
-    def record(self, tree: DraftTree, accepted_depth: int, emitted: int) -> None:
-        self.steps += 1
-        self.emitted += emitted
-        grow = tree.max_depth - len(self.proposed)
-        if grow > 0:
-            self.proposed += [0] * grow
-            self.accepted += [0] * grow
-        for depth in range(tree.max_depth):
-            self.proposed[depth] += 1
-        for depth in range(accepted_depth):
-            self.accepted[depth] += 1
-
-
-@dataclass
-class SpecTiming(BatchTiming):
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    rows: list[SpecStats] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -152,7 +104,7 @@ def run_speculative(
         if length_policy is not None and not any(budget.values()) and not any(drafter.want_probs):
             # The policy turned speculation off: plain steps in a burst, on the device with
             # one host sync (as engine/generate.py does), not one verify round-trip per token.
-            _plain_burst(runner, prompts, states, drafter, timing, lengths, last, generators,
+            plain_burst(runner, prompts, states, drafter, timing, lengths, last, generators,
                          length_policy, room=trash_slot(cache) - max(lengths) - 1)  # fmt: skip
             timing.decode_s = time.perf_counter() - start - timing.prefill_s
             yield
@@ -220,22 +172,6 @@ def run_speculative(
     timing.decode_s = time.perf_counter() - start - timing.prefill_s
 
 
-class Contexts(Sequence[list[int]]):
-    """Each row's prompt + output *as the states are now*, built only for the rows a drafter
-    reads: copying every row's long context on every step costs as much as a GPU step at
-    batch 32 with 8K-token prompts. Read it before the step's tokens are added."""
-
-    def __init__(self, prompts: list[list[int]], states: list[RequestState]) -> None:
-        self.prompts = prompts
-        self.states = states
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, row: int) -> list[int]:  # type: ignore[override]
-        return self.prompts[row] + self.states[row].token_ids
-
-
 def _plan(
     policy, active: list[int], rows: list[SpecStats], max_k: int, batch: int
 ) -> dict[int, int]:
@@ -259,88 +195,3 @@ def _compact(cache, verdicts, lengths: list[int], device: torch.device) -> None:
     if rows:
         as_tensor = functools.partial(torch.tensor, device=device)
         cache.move(as_tensor(rows), as_tensor(src), as_tensor(dst))
-
-
-PLAIN_BURST = 8  # plain steps between two looks at the host when speculation is off
-PIPELINED_BURSTS = 4  # bursts in flight back to back: the host books one while the next runs
-
-
-def _plain_burst(
-    runner, prompts, states, drafter, timing, lengths, last, generators, length_policy, room
-) -> None:
-    """Up to PIPELINED_BURSTS x PLAIN_BURST plain decode steps for every row; finished rows
-    stay in place. The drafters still see every emitted token (one Verdict with no drafts
-    per step). Pipelined on CUDA: while the GPU runs burst i, the host books burst i - 1's
-    tokens (drafter updates, stop checks), which it received through an asynchronous copy,
-    so the drafters' per-token bookkeeping costs no GPU time (the batch-aware rule's
-    promise: no slower than plain decoding). A row that stops in burst i - 1 rides along in
-    burst i; its extra tokens are dropped."""
-    device = runner.device
-    params = [s.params for s in states]
-    active = [b for b, s in enumerate(states) if not s.finished]
-    left = min(states[b].params.max_tokens - len(states[b].token_ids) for b in active)
-    total = min(PLAIN_BURST * PIPELINED_BURSTS, room, left)
-    t0 = time.perf_counter()
-    tokens = torch.tensor(last, device=device)
-    positions = torch.tensor(lengths, device=device)
-    moving = torch.tensor([not s.finished for s in states], device=device).long()
-    launched, in_flight = 0, []
-    while launched < total or in_flight:
-        if launched < total and not all(s.finished for s in states):
-            steps = min(PLAIN_BURST, total - launched)
-            out = torch.empty(len(states), steps, dtype=torch.long, device=device)
-            for j in range(steps):
-                tokens = select_tokens(runner.decode(tokens, positions), params, generators)
-                out[:, j] = tokens
-                positions = positions + moving
-            in_flight.append(_copy_to_host(out))
-            launched += steps
-            if len(in_flight) < 2 and launched < total:
-                continue  # keep one burst queued behind the one being booked
-        if not in_flight:
-            break
-        emitted = _host_values(*in_flight.pop(0))
-        _book_plain_steps(prompts, states, drafter, timing, lengths, last, active, emitted)
-    elapsed = time.perf_counter() - t0
-    timing.verify_s += elapsed
-    length_policy.record_plain(len(states), elapsed / max(1, launched))
-    for b in active:
-        timing.rows[b].verify_s += elapsed
-
-
-def _copy_to_host(out: torch.Tensor):
-    """Start copying `out` to the host behind the work queued so far; (buffer, event)."""
-    if out.device.type != "cuda":
-        return out, None
-    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-    host.copy_(out, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _host_values(host: torch.Tensor, event) -> list[list[int]]:
-    """The copied tokens, waiting only for their own copy (not for later queued work)."""
-    if event is not None:
-        event.synchronize()
-    return host.tolist()
-
-
-def _book_plain_steps(prompts, states, drafter, timing, lengths, last, active, emitted) -> None:
-    """Hand each plain step's tokens [B][steps] to the drafters and the requests."""
-    empty = DraftTree.empty()
-    for j in range(len(emitted[0]) if emitted else 0):
-        contexts = Contexts(prompts, states)
-        verdicts = [None] * len(states)
-        for b in active:
-            if not states[b].finished:
-                verdicts[b] = Verdict([], [emitted[b][j]])
-        drafter.accept(contexts, verdicts)
-        for b in active:
-            if verdicts[b] is None:
-                continue
-            states[b].add(emitted[b][j])
-            timing.rows[b].record(empty, 0, 1)
-            lengths[b] += 1
-            last[b] = emitted[b][j]
-        timing.steps += 1

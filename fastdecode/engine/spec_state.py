@@ -1,0 +1,75 @@
+"""What the speculative loop records per request and batch, and how drafters read contexts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fastdecode.engine.generate import BatchTiming
+from fastdecode.engine.stopping import RequestState
+from fastdecode.spec.tree import DraftTree
+
+
+@dataclass
+class SpecStats:
+    """One request's speculation record.
+
+    steps: verify steps taken while the request was unfinished; emitted: tokens those steps
+    produced (after stop truncation), so tau = emitted / steps (plain decoding: 1.0).
+    proposed[k] / accepted[k]: steps with a draft node at depth k + 1 / steps that accepted
+    one. draft_s: this request's drafting time; verify_s: wall time of the verify steps it
+    took part in (the batch shares them). cache_length: slots of the request in the cache
+    that hold accepted tokens (all but the last emitted token).
+    """
+
+    steps: int = 0
+    emitted: int = 0
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    cache_length: int = 0
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per draft position: accepted / proposed."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed, strict=True)]
+
+    def record(self, tree: DraftTree, accepted_depth: int, emitted: int) -> None:
+        self.steps += 1
+        self.emitted += emitted
+        grow = tree.max_depth - len(self.proposed)
+        if grow > 0:
+            self.proposed += [0] * grow
+            self.accepted += [0] * grow
+        for depth in range(tree.max_depth):
+            self.proposed[depth] += 1
+        for depth in range(accepted_depth):
+            self.accepted[depth] += 1
+
+
+@dataclass
+class SpecTiming(BatchTiming):
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    rows: list[SpecStats] = field(default_factory=list)
+
+
+class Contexts(Sequence[list[int]]):
+    """Each row's prompt + output *as the states are now*, built only for the rows a drafter
+    reads: copying every row's long context on every step costs as much as a GPU step at
+    batch 32 with 8K-token prompts. Read it before the step's tokens are added."""
+
+    def __init__(self, prompts: list[list[int]], states: list[RequestState]) -> None:
+        self.prompts = prompts
+        self.states = states
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, row: int) -> list[int]:  # type: ignore[override]
+        return self.prompts[row] + self.states[row].token_ids
