@@ -1,6 +1,8 @@
 # Source on the GPU machine (no network) before a benchmark: installs carried wheels, points
 # FASTDECODE_HOME at /tmp/fdh and assembles + verifies (sha256) the checkpoints whose parts
 # were copied to /tmp/parts/<model>/part.NN by earlier calls (see benchmarks/README.md).
+# Source it directly, e.g. `source benchmarks/device_env.sh > /tmp/env.log 2>&1`: piped into
+# another command (`| tail`) it runs in a subshell and its exports are lost.
 export PYTHONPATH=/tmp/site:$PWD
 export FASTDECODE_HOME=/tmp/fdh
 # The machine's copy of .git can be stale: pass FASTDECODE_COMMIT=$(git rev-parse --short HEAD)
