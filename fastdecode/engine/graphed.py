@@ -56,7 +56,43 @@ def trash_slot(cache) -> int:
     return cache.capacity - 1
 
 
-class GraphedForward:
+class _CapturedGraphs:
+    """One cache's CUDA graphs, captured on first use of each shape key into one memory pool.
+    A failed capture never loses the step: the instance warns and runs eagerly from then on."""
+
+    def __init__(self, model, cache, enabled: bool) -> None:
+        self.model = model
+        self.cache = cache
+        self.enabled = enabled and model.device.type == "cuda"
+        self._graphs: dict = {}
+        self._pool = None
+
+    def _graph(self, key, capture, what: str):
+        """The captured (graph, static inputs..., output) for `key`, capturing it now with
+        `capture(pool)`; None once a capture has failed (the caller then runs eagerly)."""
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                self._graphs[key] = capture(self._pool)
+            except Exception as exc:
+                warnings.warn(
+                    f"CUDA graph capture of {what} failed ({type(exc).__name__}: {exc}); "
+                    "running it eagerly",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.enabled = False
+                self._capture_failed(exc)
+                torch.cuda.synchronize()
+                return None
+        return self._graphs[key]
+
+    def _capture_failed(self, exc: Exception) -> None:
+        """Hook: what else a failed capture rules out."""
+
+
+class GraphedForward(_CapturedGraphs):
     """`model.forward(tokens, positions, cache, slots=, mask=, decode=True)` for one cache,
     optionally over a subset of layers, one CUDA graph per (batch, width bucket, and for a
     `TreeMask` its local block's bucket)."""
@@ -64,12 +100,8 @@ class GraphedForward:
     def __init__(
         self, model, cache, *, enabled: bool, layer_ids: Sequence[int] | None = None
     ) -> None:
-        self.model = model
-        self.cache = cache
-        self.enabled = enabled and model.device.type == "cuda"
+        super().__init__(model, cache, enabled)
         self.layer_ids = None if layer_ids is None else list(layer_ids)
-        self._graphs: dict[tuple[int, int, int], tuple] = {}
-        self._pool = None
 
     def __call__(
         self,
@@ -85,26 +117,15 @@ class GraphedForward:
         batch, width = tokens.shape
         padded = bucket(width)
         block = bucket(mask.local.shape[2]) if isinstance(mask, TreeMask) else 0
-        key = (batch, padded, block)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(
-                    *self._pad(tokens, positions, slots, mask, padded, block)
-                )
-            except Exception as exc:  # never lose the step: fall back to eager forwards
-                warnings.warn(
-                    f"CUDA graph capture of a {batch}x{padded} forward failed "
-                    f"({type(exc).__name__}: {exc}); running these forwards eagerly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.enabled = False
-                if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                    self.model.multi_fns = self.model.layer_fns  # the compile failed too
-                torch.cuda.synchronize()
-                return self._forward(tokens, positions, slots, mask)
-        graph, inputs, logits = self._graphs[key]
         padded_inputs = self._pad(tokens, positions, slots, mask, padded, block)
+        captured = self._graph(
+            (batch, padded, block),
+            lambda pool: self._capture(pool, *padded_inputs),
+            f"a {batch}x{padded} forward",
+        )
+        if captured is None:
+            return self._forward(tokens, positions, slots, mask)
+        graph, inputs, logits = captured
         for static, value in zip(_flat(inputs), _flat(padded_inputs), strict=True):
             static.copy_(value, non_blocking=True)
         graph.replay()
@@ -132,6 +153,10 @@ class GraphedForward:
             if not self.enabled:  # a capture failed: eager from now on
                 return
 
+    def _capture_failed(self, exc: Exception) -> None:
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            self.model.multi_fns = self.model.layer_fns  # the compile failed too
+
     def _forward(self, tokens, positions, slots, mask) -> torch.Tensor:
         return self.model.forward(
             tokens, positions, self.cache, slots=slots, mask=mask, decode=True,
@@ -139,80 +164,63 @@ class GraphedForward:
         )  # fmt: skip
 
     def _pad(self, tokens, positions, slots, mask, width: int, block: int):
+        """Inputs padded to the graph's width: extra columns write the trash slot and see only
+        it (a dense mask) or the prefix and the block's first slot (`TreeMask.padded`)."""
         device = self.model.device
         tokens, positions, slots, mask = (t.to(device) for t in (tokens, positions, slots, mask))
+        batch, extra = tokens.shape[0], width - tokens.shape[1]
+        trash = trash_slot(self.cache)
         if isinstance(mask, TreeMask):
             mask = mask.padded(width, block)
-        extra = width - tokens.shape[1]
+        elif extra:
+            pad_mask = torch.zeros(batch, 1, extra, mask.shape[-1], dtype=torch.bool, device=device)
+            pad_mask[..., trash] = True
+            mask = torch.cat([mask, pad_mask], dim=2)
         if extra == 0:
             return tokens, positions, slots, mask
-        batch = tokens.shape[0]
-        trash = trash_slot(self.cache)
         pad = torch.full((batch, extra), trash, dtype=torch.long, device=device)
         tokens = torch.cat([tokens, torch.zeros_like(pad)], dim=1)
         positions = torch.cat([positions, torch.zeros_like(pad)], dim=1)
-        slots = torch.cat([slots, pad], dim=1)
-        if isinstance(mask, TreeMask):
-            return tokens, positions, slots, mask
-        pad_mask = torch.zeros(batch, 1, extra, mask.shape[-1], dtype=torch.bool, device=device)
-        pad_mask[..., trash] = True
-        return tokens, positions, slots, torch.cat([mask, pad_mask], dim=2)
+        return tokens, positions, torch.cat([slots, pad], dim=1), mask
 
-    def _capture(self, tokens, positions, slots, mask):
+    def _capture(self, pool, tokens, positions, slots, mask):
         mask = TreeMask(*(t.clone() for t in mask)) if isinstance(mask, TreeMask) else mask.clone()
         inputs = (*(t.clone() for t in (tokens, positions, slots)), mask)
-
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph, logits = capture_graph(lambda: self._forward(*inputs), self._pool)
+        graph, logits = capture_graph(lambda: self._forward(*inputs), pool)
         return graph, inputs, logits
 
 
-class GraphedDecode:
+class GraphedDecode(_CapturedGraphs):
     """`model.decode_step` over one cache, one CUDA graph per batch size. Whatever the cache's
     Python-side switches say at capture time is baked into the graph (a sparse-reading
     draft and the fully-reading target over one cache need one instance each)."""
 
     def __init__(self, model, cache, *, enabled: bool) -> None:
-        self.model = model
-        self.cache = cache
-        on_cuda = model.device.type == "cuda"
-        self.enabled = enabled and on_cuda and getattr(cache, "graph_safe", False)
-        self._graphs: dict[int, tuple] = {}
-        self._pool = None
+        super().__init__(model, cache, enabled and getattr(cache, "graph_safe", False))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions [B] -> logits [B, V]; K/V stored at slot = position."""
-        if not self.enabled:
+        captured = None
+        if self.enabled:
+            captured = self._graph(
+                tokens.shape[0],
+                lambda pool: self._capture(pool, tokens, positions),
+                "the decode step",
+            )
+        if captured is None:
             return self.model.decode_step(tokens, positions, self.cache)
-        batch = tokens.shape[0]
-        if batch not in self._graphs:
-            try:
-                self._graphs[batch] = self._capture(tokens, positions)
-            except Exception as exc:  # a cache whose step cannot be captured: run it eagerly
-                warnings.warn(
-                    f"CUDA graph capture of the decode step failed ({type(exc).__name__}: "
-                    f"{exc}); decoding eagerly with this cache",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.enabled = False
-                torch.cuda.synchronize()
-                return self.model.decode_step(tokens, positions, self.cache)
-        graph, static_tokens, static_positions, logits = self._graphs[batch]
+        graph, static_tokens, static_positions, logits = captured
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
         graph.replay()
         return logits
 
-    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor):
+    def _capture(self, pool, tokens: torch.Tensor, positions: torch.Tensor):
         static_tokens = tokens.clone()
         static_positions = positions.clone()
 
         def step() -> torch.Tensor:
             return self.model.decode_step(static_tokens, static_positions, self.cache)
 
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph, logits = capture_graph(step, self._pool, warmups=3)
+        graph, logits = capture_graph(step, pool, warmups=3)
         return graph, static_tokens, static_positions, logits
