@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fastdecode.bench.report import header_lines  # noqa: E402
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
 from fastdecode.engine.stopping import RequestState  # noqa: E402
@@ -292,11 +293,9 @@ def write_report(report: dict, out: Path, name: str = "decode") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     m = report["meta"]
+    bandwidth = f"measured copy bandwidth {m['measured_bandwidth_GBps']} GB/s; "
     lines = [
-        f"# Decode benchmark ({m['gpu']})",
-        "",
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['commit']}",
-        f"measured copy bandwidth {m['measured_bandwidth_GBps']} GB/s; command: `{m['command']}`",
+        *header_lines("Decode benchmark", m, command_prefix=bandwidth),
         "",
         "| " + " | ".join(COLUMNS) + " | TTFT ms |",
         "|" + "---|" * (len(COLUMNS) + 1),

@@ -21,7 +21,6 @@ is rewritten after every row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM  # noqa: E402
 from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
-from fastdecode.bench.report import meta, table_lines  # noqa: E402
+from fastdecode.bench.report import write_table_report  # noqa: E402
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
 from fastdecode.engine.speculative import SpecTiming, run_speculative  # noqa: E402
@@ -177,25 +176,14 @@ COLUMNS = [
 
 
 def write_report(rows: list[dict], args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if CUDA else "cpu")
-    report = {"meta": meta("python " + " ".join(sys.argv), device), "rows": rows}
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    m = report["meta"]
-    lines = [
-        f"# Long-context decode speed and memory ({m['gpu']}, {args.model})",
-        "",
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['commit']}",
-        f"command: `{m['command']}`",
-        "",
+    write_table_report(
+        args.out, args.name, "Long-context decode speed and memory", rows, COLUMNS,
         f"{args.new_tokens} greedy tokens per row after an L-token prompt; ms_per_output_step "
         "includes each policy's selection work (triforce: per emitted step of the batch); "
         "kv_MiB: the cache's bytes; decode_peak_GiB: allocator peak while decoding; "
         "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card.",
-        "",
-        *table_lines(rows, COLUMNS),
-    ]
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        details=(args.model,),
+    )  # fmt: skip
 
 
 def main() -> None:

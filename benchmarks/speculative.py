@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastdecode import LLM, SamplingParams  # noqa: E402
 from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
-from fastdecode.bench.report import meta, table_lines  # noqa: E402
+from fastdecode.bench.report import write_table_report  # noqa: E402
 from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -286,23 +286,11 @@ COLUMNS = [
 
 
 def write_report(rows: list[dict], out: Path, args) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = {"meta": meta("python " + " ".join(sys.argv), torch.device(device)), "rows": rows}
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    m = report["meta"]
-    lines = [
-        f"# Speculative decoding benchmark ({m['gpu']})",
-        "",
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['commit']}",
-        f"command: `{m['command']}`",
-        "",
+    write_table_report(
+        out, args.name, "Speculative decoding benchmark", rows, COLUMNS,
         "tokens_per_s: generated tokens / wall time including prefill; tau: tokens per target "
         "step; draft/verify ms per step: batch wall time of drafting / verifying per step.",
-        "",
-        *table_lines(rows, COLUMNS),
-    ]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    )  # fmt: skip
     try:
         plot(rows, out / f"{args.name}.png")
     except ImportError:  # no matplotlib here: `--replot NAME.json` draws it elsewhere

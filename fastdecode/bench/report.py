@@ -75,6 +75,49 @@ def meta(command: str, device, extra: dict[str, Any] | None = None) -> dict[str,
     }
 
 
+def header_lines(
+    title: str, m: dict[str, Any], *, details: tuple[str, ...] = (), command_prefix: str = ""
+) -> list[str]:
+    """The lines a GPU benchmark report opens with: what ran, on which card (plus `details`),
+    with which versions, when, from which commit, and the command that produced it."""
+    return [
+        f"# {title} ({', '.join((m['gpu'], *details))})",
+        "",
+        f"torch {m['torch']}, transformers {m['transformers']}, {m['date']}, commit {m['commit']}",
+        f"{command_prefix}command: `{m['command']}`",
+    ]
+
+
+def write_table_report(
+    out: Path,
+    name: str,
+    title: str,
+    rows: list[dict],
+    columns: list[str],
+    description: str,
+    *,
+    details: tuple[str, ...] = (),
+) -> None:
+    """NAME.json (meta + rows) and NAME.md (header, description, table) of a benchmark run,
+    rewritten as rows come in (a run cut short still leaves its results)."""
+    import sys
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"meta": meta("python " + " ".join(sys.argv), device), "rows": rows}
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [
+        *header_lines(title, report["meta"], details=details),
+        "",
+        description,
+        "",
+        *table_lines(rows, columns),
+    ]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def table_lines(rows: list[dict], columns: list[str], error: bool = True) -> list[str]:
     """A Markdown table of `rows` (dicts) over `columns` (missing values left blank), plus an
     `error` column for rows that failed when `error` is set."""
