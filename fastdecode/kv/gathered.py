@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fastdecode.kv.attention import decode_kernel_available
 from fastdecode.kv.cache import write_kv
+from fastdecode.model.layers import split_heads
 from fastdecode.model.rope import apply_rope
 
 
@@ -54,14 +55,10 @@ def rotate_new_token(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The new token's QKV projection [B, (Hq + 2 Hkv) * D] and cos/sin [B, D] ->
     q [B, Hq, 1, D], k, v [B, Hkv, 1, D], q and k rotated (as `attention_input` does)."""
-    batch = qkv.shape[0]
     num_kv_heads = (qkv.shape[1] // head_dim - num_heads) // 2
-    sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-    q, k, v = qkv.split(sizes, dim=-1)
+    q, k, v = split_heads(qkv[:, None], num_heads, num_kv_heads, head_dim)
     cos, sin = cos[:, None, None], sin[:, None, None]
-    q = apply_rope(q.view(batch, num_heads, 1, head_dim), cos, sin)
-    k = apply_rope(k.view(batch, num_kv_heads, 1, head_dim), cos, sin)
-    return q, k, v.view(batch, num_kv_heads, 1, head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 def fused_gathered_attention_reference(

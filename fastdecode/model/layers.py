@@ -36,6 +36,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def split_heads(
+    qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused projection qkv [B, T, (Hq + 2 Hkv) * D] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]."""
+    batch, length, _ = qkv.shape
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    q = q.view(batch, length, num_heads, head_dim).transpose(1, 2)
+    k = k.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    return q, k, v
+
+
 def attention_input(
     x: torch.Tensor,
     w: LayerWeights,
@@ -48,14 +61,9 @@ def attention_input(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Norm, fused QKV projection, (q/k norm), RoPE: x [B, T, hidden] -> q, k, v [B, H, T, D]."""
-    batch, length, _ = x.shape
     h = rms_norm(x, w.attn_norm, eps)
     qkv = F.linear(h, w.qkv, w.qkv_bias)
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
-    q = q.view(batch, length, num_heads, head_dim).transpose(1, 2)
-    k = k.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = v.view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+    q, k, v = split_heads(qkv, num_heads, num_kv_heads, head_dim)
     if w.q_norm is not None:
         q = rms_norm(q, w.q_norm, eps)
         k = rms_norm(k, w.k_norm, eps)
