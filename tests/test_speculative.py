@@ -34,7 +34,7 @@ def test_chain_and_tree_structure():
     chain = DraftTree.chain([5, 6, 7])
     assert chain.parents == [-1, 0, 1] and chain.depth == [1, 2, 3]
     assert chain.children(-1) == [0] and chain.children(2) == []
-    assert chain.ancestor_mask().tolist() == [
+    assert chain.ancestor_rows(3) == [
         [True, False, False],
         [True, True, False],
         [True, True, True],
@@ -42,7 +42,7 @@ def test_chain_and_tree_structure():
     tree = DraftTree([1, 2, 3, 4], [-1, -1, 0, 1])
     assert tree.depth == [1, 1, 2, 2] and tree.max_depth == 2
     assert tree.children(-1) == [0, 1] and tree.children(1) == [3]
-    assert tree.ancestor_mask()[3].tolist() == [False, True, False, True]
+    assert tree.ancestor_rows(4)[3] == [False, True, False, True]
     assert len(tree.truncate(3)) == 3 and tree.truncate(9) is tree
     assert len(DraftTree.empty()) == 0
 

@@ -113,7 +113,7 @@ def test_fused_decode_step_matches_forward(tiny_model, arch):
 
 def _random_tree_mask(batch, width, prefix):
     """Ancestor-closed tree visibility: column 0 is the root, every node sees a random
-    earlier node's ancestors and itself (like DraftTree.ancestor_mask)."""
+    earlier node's ancestors and itself (like DraftTree.ancestor_rows)."""
     local = torch.zeros(batch, width, width, dtype=torch.bool)
     for b in range(batch):
         local[b, 0, 0] = True

@@ -86,15 +86,9 @@ class DraftTree:
         q = None if self.q is None else self.q[:max_nodes]
         return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes], q)
 
-    def ancestor_mask(self) -> torch.Tensor:
-        """[N, N] bool: row i is True at i and at every ancestor of i."""
-        return torch.tensor(self.ancestor_rows(len(self)), dtype=torch.bool).reshape(
-            len(self), len(self)
-        )
-
     def ancestor_rows(self, width: int) -> list[list[bool]]:
-        """`ancestor_mask` as Python lists, rows padded to `width` columns (batched verify
-        inputs are built from lists: one tensor per batch, not per row)."""
+        """Row i is True at i and at every ancestor of i, padded to `width` columns (Python
+        lists: batched verify inputs become one tensor per batch, not one per row)."""
         rows: list[list[bool]] = []
         for i, p in enumerate(self.parents):
             row = list(rows[p]) if p >= 0 else [False] * width
