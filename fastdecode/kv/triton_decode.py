@@ -90,6 +90,28 @@ def masked_softmax_block(q, k, v, visible, m, total, acc, scale):
 
 
 @triton.jit
+def cache_rows(base, n, stride, d, valid):
+    """Cache rows n [BLOCK] of one (row, KV head): [BLOCK, D], zeros where not valid."""
+    return tl.load(base + n[:, None] * stride + d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def attend_slice(
+    q, k_base, v_base, stride_ks, stride_vs, start, end, d, m, total, acc, scale,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Fold the contiguous slots start..end-1 (within one SPLIT-slot slice) of one (row, KV
+    head) into the running softmax of the query tile q."""
+    for i in range(0, SPLIT, BLOCK):
+        n = start + i + tl.arange(0, BLOCK)
+        valid = n < end
+        k = cache_rows(k_base, n, stride_ks, d, valid)
+        v = cache_rows(v_base, n, stride_vs, d, valid)
+        m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
+    return m, total, acc
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qh,
@@ -139,12 +161,9 @@ def _split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for i in range(0, SPLIT, BLOCK):
-        n = start + i + tl.arange(0, BLOCK)
-        valid = n < end
-        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
-        m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
+    m, total, acc = attend_slice(
+        q, k_base, v_base, stride_ks, stride_vs, start, end, d, m, total, acc, scale, SPLIT, BLOCK
+    )
     if NEW_TOKEN:
         if position < start + SPLIT:  # this split owns the new slot: store it, attend to it
             tl.store(k_base + position * stride_ks + d[None, :] + one[:, None] * 0,

@@ -23,21 +23,16 @@ import triton.language as tl
 
 from fastdecode.kv.triton_decode import (
     BLOCK_N,
+    attend_slice,
+    cache_rows,
     masked_softmax_block,
     merge_splits,
-    online_softmax_block,
     split_scratch,
     split_size,
     store_partial,
 )
 
 QUERY_TILE = 64  # query rows (group x tree columns) per program
-
-
-@triton.jit
-def _rows(base, n, stride, d, valid):
-    """Cache rows n [BLOCK] of one (row, KV head): [BLOCK, D], zeros where not valid."""
-    return tl.load(base + n[:, None] * stride + d[None, :], mask=valid[:, None], other=0.0)
 
 
 @triton.jit
@@ -82,18 +77,15 @@ def _tree_split_kernel(
             n = prefix + j
             inside = (j < LOCAL) & (n < capacity)
             visible = tl.load(local + j[None, :], mask=row_ok[:, None] & inside[None, :], other=0)
-            k = _rows(k_base, n, stride_ks, d, inside)
-            v = _rows(v_base, n, stride_vs, d, inside)
+            k = cache_rows(k_base, n, stride_ks, d, inside)
+            v = cache_rows(v_base, n, stride_vs, d, inside)
             m, total, acc = masked_softmax_block(q, k, v, visible != 0, m, total, acc, scale)
     else:
         start = split * SPLIT
-        end = tl.minimum(start + SPLIT, prefix)
-        for i in range(0, SPLIT, BLOCK):
-            n = start + i + tl.arange(0, BLOCK)
-            valid = n < end
-            k = _rows(k_base, n, stride_ks, d, valid)
-            v = _rows(v_base, n, stride_vs, d, valid)
-            m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
+        m, total, acc = attend_slice(
+            q, k_base, v_base, stride_ks, stride_vs, start, tl.minimum(start + SPLIT, prefix),
+            d, m, total, acc, scale, SPLIT, BLOCK,
+        )  # fmt: skip
     store_partial(out_ptr, lse_ptr, out_row, row_ok, acc, m, total, d, HEAD_DIM)
 
 
