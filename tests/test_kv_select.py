@@ -155,7 +155,7 @@ def test_tidal_layers_read_their_selection_layers_pick(llm4, recorded, monkeypat
     for step in range(3):
         for call, selector in enumerate((0, 2)):
             weights, visible = observed[selector][step]
-            scores = weights.sum(2).masked_fill(~visible[:, None], -1.0)  # [B, Hkv, S]
+            scores = weights.masked_fill(~visible[:, None], -1.0)  # [B, Hkv, S]
             expect = scores.topk(budget, dim=-1).indices.sort(-1).values
             got = recorded[2 * step + call].sort(-1).values
             assert torch.equal(got, expect)

@@ -56,9 +56,11 @@ def test_decode_attention_matches_sdpa(heads, kv_heads, head_dim, dtype):
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_rope_write_attention(heads, kv_heads, head_dim, dtype):
+@pytest.mark.parametrize("scored", [False, True])
+def test_fused_rope_write_attention(heads, kv_heads, head_dim, dtype, scored):
     """RoPE + cache store + attention in one launch == the three steps done separately."""
-    from fastdecode.kv.triton_decode import fused_decode_attention
+    from fastdecode.kv.selective import attention_weights, group_weights
+    from fastdecode.kv.triton_decode import fused_decode_attention, fused_decode_attention_scored
 
     torch.manual_seed(1)
     batch, capacity = 5, 640
@@ -79,7 +81,22 @@ def test_fused_rope_write_attention(heads, kv_heads, head_dim, dtype):
     v_ref[rows, :, positions] = v.view(batch, kv_heads, head_dim)
     ref = _reference(q, k_ref, v_ref, positions + 1, heads // kv_heads)
 
-    out = fused_decode_attention(qkv, k_cache, v_cache, positions + 1, cos, sin, heads)
+    if scored:  # a selection layer's variant: the same attention plus the softmax weights
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        out, logits, slice_lse = fused_decode_attention_scored(
+            qkv, k_cache, v_cache, positions + 1, cos, sin, heads
+        )
+        visible = torch.arange(capacity, device=DEVICE)[None, :] <= positions[:, None]
+        weights = group_weights(logits, slice_lse, visible, kv_heads)
+        expect = attention_weights(q.double(), k_ref.double(), visible)
+        assert (weights.double() - expect).abs().max() < _tolerance(dtype)
+        group_total = torch.full_like(weights[..., 0], heads // kv_heads)
+        assert torch.allclose(weights.sum(-1), group_total, atol=1e-3)
+        # and the cache writes / output equal the unscored kernel's
+        plain = fused_decode_attention(qkv, k_before, v_before, positions + 1, cos, sin, heads)
+        assert torch.equal(out, plain) and torch.equal(k_before, k_cache)
+    else:
+        out = fused_decode_attention(qkv, k_cache, v_cache, positions + 1, cos, sin, heads)
     tol = _tolerance(dtype)
     assert (out.double() - ref).norm() / ref.norm() < tol
     assert (k_cache.double() - k_ref.double()).norm() / k_ref.double().norm() < tol

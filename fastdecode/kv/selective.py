@@ -40,13 +40,25 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def attention_weights(q: torch.Tensor, k_cache: torch.Tensor, visible: torch.Tensor):
-    """Single-token attention weights [B, Hkv, G, S] of q [B, Hq, 1, D] over the visible
-    slots [B, S] (what a selection layer hands `observe_weights`). Logits in the cache
-    dtype: they only rank."""
+    """The attention [B, Hkv, S] each visible slot ([B, S]) gets from its KV head's query
+    group (single-token softmax weights of q [B, Hq, 1, D], summed over the group): what a
+    selection layer hands `observe_weights`."""
     head_dim = q.shape[-1]
-    logits = group_queries(q, k_cache.shape[1]) @ k_cache.transpose(-1, -2)
-    logits = logits.float() * head_dim**-0.5
-    return logits.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+    logits = group_queries(q.float(), k_cache.shape[1]) @ k_cache.float().transpose(-1, -2)
+    logits = logits * head_dim**-0.5
+    weights = logits.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+    return weights.sum(2)
+
+
+def group_weights(
+    logits: torch.Tensor, slice_lse: torch.Tensor, visible: torch.Tensor, num_kv_heads: int
+) -> torch.Tensor:
+    """`attention_weights` from a decode kernel's own scaled logits [B, Hq, S] and slice
+    log-sum-exps [B, Hq, splits] (`triton_decode.fused_decode_attention_scored`)."""
+    batch, num_heads, slots = logits.shape
+    lse = slice_lse.logsumexp(-1, keepdim=True)
+    weights = torch.where(visible[:, None, :], torch.exp(logits - lse), 0.0)
+    return weights.view(batch, num_kv_heads, num_heads // num_kv_heads, slots).sum(2)
 
 
 class SelectiveKVCache(KVCache):

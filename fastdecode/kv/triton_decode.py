@@ -78,7 +78,13 @@ def online_softmax_block(q, k, v, valid, m, total, acc, scale):
 @triton.jit
 def masked_softmax_block(q, k, v, visible, m, total, acc, scale):
     """`online_softmax_block` with a per-query mask `visible` [G, BLOCK] (tree attention)."""
-    scores = _dot(q, tl.trans(k)) * scale
+    return softmax_fold(_dot(q, tl.trans(k)) * scale, v, visible, m, total, acc)
+
+
+@triton.jit
+def softmax_fold(scores, v, visible, m, total, acc):
+    """Fold scaled logits `scores` [G, BLOCK] (masked by `visible`) of one block into the
+    running (max, sum, weighted values)."""
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,28 +104,32 @@ def cache_rows(base, n, stride, d, valid):
 @triton.jit
 def attend_slice(
     q, k_base, v_base, stride_ks, stride_vs, start, end, d, m, total, acc, scale,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+    score_rows, score_ok, SPLIT: tl.constexpr, BLOCK: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     """Fold the contiguous slots start..end-1 (within one SPLIT-slot slice) of one (row, KV
-    head) into the running softmax of the query tile q."""
+    head) into the running softmax of the query tile q. SCORES: also store each query's
+    scaled logit of each slot n at score_rows [G, 1] + n (rows where score_ok [G])."""
     for i in range(0, SPLIT, BLOCK):
         n = start + i + tl.arange(0, BLOCK)
         valid = n < end
         k = cache_rows(k_base, n, stride_ks, d, valid)
         v = cache_rows(v_base, n, stride_vs, d, valid)
-        m, total, acc = online_softmax_block(q, k, v, valid, m, total, acc, scale)
+        scores = _dot(q, tl.trans(k)) * scale
+        if SCORES:
+            tl.store(score_rows + n[None, :], scores, mask=score_ok[:, None] & valid[None, :])
+        m, total, acc = softmax_fold(scores, v, valid[None, :], m, total, acc)
     return m, total, acc
 
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, cos_ptr, sin_ptr, score_ptr,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    num_splits, scale,
+    num_splits, scale, capacity,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr, NEW_TOKEN: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr, NEW_TOKEN: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -161,9 +171,12 @@ def _split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    # SCORES: logits [B, Hq, capacity] (fp32) for a selection layer's policy
+    score_rows = score_ptr + (b * num_kv_heads * GROUP + heads[:, None]) * capacity
     m, total, acc = attend_slice(
-        q, k_base, v_base, stride_ks, stride_vs, start, end, d, m, total, acc, scale, SPLIT, BLOCK
-    )
+        q, k_base, v_base, stride_ks, stride_vs, start, end, d, m, total, acc, scale,
+        score_rows, g < GROUP, SPLIT, BLOCK, SCORES,
+    )  # fmt: skip
     if NEW_TOKEN:
         if position < start + SPLIT:  # this split owns the new slot: store it, attend to it
             tl.store(k_base + position * stride_ks + d[None, :] + one[:, None] * 0,
@@ -172,6 +185,8 @@ def _split_kernel(
             k_rounded = k_new.to(k_ptr.dtype.element_ty).to(tl.float32)
             v_rounded = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
             score = tl.sum(q.to(tl.float32) * k_rounded, 1) * scale
+            if SCORES:
+                tl.store(score_rows + position, score[:, None], mask=(g < GROUP)[:, None])
             m_new = tl.maximum(m, score)
             alpha = tl.exp(m - m_new)
             p_new = tl.exp(score - m_new)
@@ -230,7 +245,9 @@ def merge_splits(
     return out
 
 
-def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
+def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token, scores=None):
+    """Attention [B, Hq, 1, D] and the slices' log-sum-exps [B, Hq, splits]; `scores`
+    [B, Hq, capacity] (fp32), when given, receives every visible slot's scaled logit."""
     batch = lengths.shape[0]
     num_kv_heads, capacity, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -239,14 +256,16 @@ def _launch(q, k_cache, v_cache, lengths, cos, sin, num_heads, new_token):
     partial, lse = split_scratch(batch, num_heads, num_splits, head_dim, q.device)
     _split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, lengths, partial, lse, cos, sin,
+        lse if scores is None else scores,
         q.stride(0), q.stride(1) if not new_token else head_dim,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        num_splits, head_dim**-0.5,
+        num_splits, head_dim**-0.5, capacity,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        SPLIT=split, BLOCK=BLOCK_N, NEW_TOKEN=new_token,
+        SPLIT=split, BLOCK=BLOCK_N, NEW_TOKEN=new_token, SCORES=scores is not None,
     )  # fmt: skip
-    return merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype)
+    out = merge_splits(partial, lse, batch, num_heads, num_splits, head_dim, k_cache.dtype)
+    return out, lse.view(batch, num_heads, num_splits)
 
 
 def decode_attention(
@@ -254,7 +273,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """q [B, Hq, 1, D]; caches [B, Hkv, S, D]; lengths [B] (slots 0..len-1) -> [B, Hq, 1, D]."""
     q = q.contiguous()
-    return _launch(q, k_cache, v_cache, lengths, q, q, q.shape[1], new_token=False)
+    return _launch(q, k_cache, v_cache, lengths, q, q, q.shape[1], new_token=False)[0]
 
 
 def fused_decode_attention(
@@ -269,4 +288,25 @@ def fused_decode_attention(
     """qkv [B, (Hq + 2 Hkv) * D] of the new token (pre-RoPE), cos/sin [B, D] at its position
     (= lengths - 1). Stores its k, v at that slot and returns attention [B, Hq, 1, D]."""
     qkv = qkv.contiguous()
-    return _launch(qkv, k_cache, v_cache, lengths, cos, sin, num_heads, new_token=True)
+    return _launch(qkv, k_cache, v_cache, lengths, cos, sin, num_heads, new_token=True)[0]
+
+
+def fused_decode_attention_scored(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_decode_attention` that also returns what a selection layer ranks slots by:
+    (attention [B, Hq, 1, D], logits [B, Hq, capacity] (fp32, scaled; garbage past each
+    row's length), slice log-sum-exps [B, Hq, splits]); softmax = exp(logit - logsumexp).
+    The logits come out of the attention's own pass over K, so scoring costs no second
+    read of the cache (TidalDecode's selection layers otherwise re-read all keys)."""
+    qkv = qkv.contiguous()
+    batch, capacity = lengths.shape[0], k_cache.shape[2]
+    scores = torch.empty(batch, num_heads, capacity, device=qkv.device, dtype=torch.float32)
+    out, lse = _launch(qkv, k_cache, v_cache, lengths, cos, sin, num_heads, True, scores)
+    return out, scores, lse

@@ -84,7 +84,7 @@ def _tree_split_kernel(
         start = split * SPLIT
         m, total, acc = attend_slice(
             q, k_base, v_base, stride_ks, stride_vs, start, tl.minimum(start + SPLIT, prefix),
-            d, m, total, acc, scale, SPLIT, BLOCK,
+            d, m, total, acc, scale, lse_ptr, row_ok, SPLIT, BLOCK, False,
         )  # fmt: skip
     store_partial(out_ptr, lse_ptr, out_row, row_ok, acc, m, total, d, HEAD_DIM)
 

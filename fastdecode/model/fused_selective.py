@@ -9,8 +9,9 @@ layer by the cache's `ReadPolicy`:
   (`fastdecode.kv.triton_gathered.fused_gathered_attention`), plus the merge;
 - a layer that attends fully (TidalDecode's first layers and its token-selection layers,
   Quest's dense layers, or every layer while `sparse_reads` is off): the dense fused kernel.
-  A selection layer (TidalDecode: Yang et al., 2024) also computes its attention weights
-  for `observe_weights` in one compiled block (q's RoPE, q @ K^T over the cache, softmax);
+  A selection layer (TidalDecode: Yang et al., 2024) has that kernel also write its logits,
+  which one compiled block turns into the group-summed weights `observe_weights` ranks (no
+  second pass over the keys);
 - RoPE outside the kernel only where the policy reads the new q or k
   (`ReadPolicy.decode_reads_qk`: Quest's page bounds and page scores, Tang et al., 2024).
 
@@ -30,25 +31,9 @@ import torch
 
 from fastdecode.kv import gathered
 from fastdecode.kv.gathered import rotate_new_token
-from fastdecode.kv.selective import SelectiveKVCache, attention_weights, visible_slots
+from fastdecode.kv.selective import SelectiveKVCache, group_weights, visible_slots
 from fastdecode.kv.step import StepContext
 from fastdecode.model.fused_decode import FusedDecodeStep, NewToken, compiled
-
-
-def _selection_weights(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    visible: torch.Tensor,
-    *,
-    num_heads: int,
-    head_dim: int,
-) -> torch.Tensor:
-    """A selection layer's attention weights [B, Hkv, G, S] from the new token's QKV
-    projection (the kernel rotates q in registers only, so q's RoPE is redone here)."""
-    q, _, _ = rotate_new_token(qkv, cos, sin, num_heads, head_dim)
-    return attention_weights(q, k_cache, visible)
 
 
 @dataclass
@@ -63,9 +48,12 @@ class SelectiveToken(NewToken):
 class FusedSelectiveStep(FusedDecodeStep):
     def __init__(self, model, compile: bool) -> None:
         super().__init__(model, compile)
-        heads = dict(num_heads=model.config.num_heads, head_dim=model.config.head_dim)
+        cfg = model.config
+        heads = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim)
         self.rotate = compiled(functools.partial(rotate_new_token, **heads), compile)
-        self.selection_weights = compiled(functools.partial(_selection_weights, **heads), compile)
+        self.group_weights = compiled(
+            functools.partial(group_weights, num_kv_heads=cfg.num_kv_heads), compile
+        )
 
     def new_token(self, positions: torch.Tensor, cache: SelectiveKVCache) -> SelectiveToken:
         token = super().new_token(positions, cache)
@@ -89,12 +77,16 @@ class FusedSelectiveStep(FusedDecodeStep):
                 qkv, cache.k[layer], cache.v[layer], indices, token.positions,
                 token.cos, token.sin, self.model.config.num_heads,
             )  # fmt: skip
-        attn = super().attend(layer, qkv, cache, token)  # stores k, v: the weights see them
-        if cache.sparse_reads and policy.wants_scores(layer, cache):
-            weights = self.selection_weights(
-                qkv, token.cos, token.sin, cache.k[layer], token.visible
-            )
-            policy.observe_weights(layer, cache, weights, token.visible)
+        if not (cache.sparse_reads and policy.wants_scores(layer, cache)):
+            return super().attend(layer, qkv, cache, token)
+        from fastdecode.kv.triton_decode import fused_decode_attention_scored
+
+        attn, logits, slice_lse = fused_decode_attention_scored(
+            qkv, cache.k[layer], cache.v[layer], token.lengths, token.cos, token.sin,
+            self.model.config.num_heads,
+        )  # fmt: skip
+        weights = self.group_weights(logits, slice_lse, token.visible)
+        policy.observe_weights(layer, cache, weights, token.visible)
         return attn
 
     def _select(self, layer: int, cache: SelectiveKVCache, q, token: SelectiveToken):

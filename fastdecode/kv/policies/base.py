@@ -114,7 +114,8 @@ class ReadPolicy(KVPolicy):
         return False
 
     def observe_weights(self, layer, cache, weights: torch.Tensor, visible: torch.Tensor) -> None:
-        """weights [B, Hkv, G, S]: this step's attention of each query head over the slots."""
+        """weights [B, Hkv, S]: the attention each slot got this step from its KV head's
+        query group (softmax weights summed over the group's query heads)."""
 
 
 def top_slots(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:

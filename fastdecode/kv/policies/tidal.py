@@ -62,5 +62,5 @@ class TidalPolicy(ReadPolicy):
         return cache.state["selection"]
 
     def observe_weights(self, layer, cache, weights, visible):
-        chosen = top_slots(weights.sum(2), visible, cache.read_size)
+        chosen = top_slots(weights, visible, cache.read_size)
         cache.state["selection"].copy_(chosen)
