@@ -153,12 +153,10 @@ class QuantKVCache:
             )
 
         self.layers = [layer() for _ in range(num_layers)]
-        # flushes: the Triton kernel does one launch per layer (the PyTorch version is ~100
-        # small kernels per layer and step) and writes bit-identical codes under Triton's
-        # interpreter, but on the H100 its codes differed from PyTorch's in the equality
-        # test (tests/test_kv_quant.py::test_triton_flush_matches_pytorch, not yet
-        # diagnosed): off until that test passes on the GPU. Opt in with triton_flush=True.
-        self.triton_flush = False
+        # flushes: on CUDA the Triton kernel, one launch per layer (the PyTorch version is
+        # ~100 small kernels per layer and step); both write bit-identical codes
+        # (tests/test_kv_quant.py::test_triton_flush_matches_pytorch, on the GPU too).
+        self.triton_flush = decode_kernel_available(torch.device(device))
 
     def nbytes(self) -> int:
         """The true footprint: packed codes, scales, salient bits, the full-precision

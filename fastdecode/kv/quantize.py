@@ -69,7 +69,11 @@ def _codes(x, low, scale, bits) -> torch.Tensor:
 
 
 def _range(low: torch.Tensor, high: torch.Tensor, bits: int, meta_dtype: torch.dtype):
-    scale = ((high - low) / (2**bits - 1)).clamp_(min=MIN_SCALE).to(meta_dtype)
+    # Divide by a tensor, not a Python number: CUDA PyTorch turns division by a scalar into
+    # multiplication by its reciprocal (1 ulp off IEEE division now and then), and the
+    # Triton flush (fastdecode.kv.triton_quant) divides exactly, as the CPU does.
+    levels = torch.full_like(high, 2**bits - 1)
+    scale = ((high - low) / levels).clamp_(min=MIN_SCALE).to(meta_dtype)
     return scale, low.to(meta_dtype)
 
 
