@@ -30,10 +30,11 @@ SHAPES = {
     "135m": ("llama", 576, 1536, 30, 9, 3, 49152, False),
     "0.5b": ("qwen2", 896, 4864, 24, 14, 2, 151936, True),
     "1.5b": ("qwen2", 1536, 8960, 28, 12, 2, 151936, True),
+    "tiny": ("qwen2", 64, 128, 4, 4, 2, 1000, True),  # host-overhead profiling on a CPU
 }
 
 
-def random_model(shape: str) -> Transformer:
+def random_model(shape: str, device: str = "cuda", dtype=torch.bfloat16) -> Transformer:
     from transformers import AutoConfig
 
     kind, hidden, inter, layers, heads, kv_heads, vocab, bias = SHAPES[shape]
@@ -48,7 +49,7 @@ def random_model(shape: str) -> Transformer:
         max_position_embeddings=32768,
     )
     cfg = ModelConfig.from_hf(hf)
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = device, dtype
 
     def r(*s):
         return torch.randn(*s, device=dev, dtype=dt) * 0.02

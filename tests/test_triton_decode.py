@@ -189,3 +189,45 @@ def test_forward_with_tree_kernel_matches_dense_mask(tiny_model):
         mask = tree if use_kernel else tree.dense(capacity)
         outputs.append(model.forward(tokens, positions, cache, slots=slots, mask=mask))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+def test_snapkv_fused_decode_appends_like_the_generic_step(tiny_model):
+    """SnapKV never evicts while decoding, so its compacted cache decodes with the dense
+    fused kernel (slot = filled, RoPE at the true position): same logits, K/V, slot
+    positions as its generic per-token insert + masked attention, with unequal prompts."""
+    from fastdecode.kv.policies import KVPolicyConfig
+    from fastdecode.kv.sparse import SparseKVCache
+    from fastdecode.model.fused_decode import FusedDecodeStep
+    from fastdecode.model.load import load_model
+
+    directory, _ = tiny_model("qwen2")
+    model = load_model(directory, dtype=torch.float32, device=DEVICE, progress=False).model
+    cfg = model.config
+    torch.manual_seed(3)
+    lengths, steps, budget = torch.tensor([40, 8, 31], device=DEVICE), 6, 12
+    policy = KVPolicyConfig("snapkv", budget, {"window": 4}).build(context=40 + steps)
+    caps = [policy.capacity(i, 40, steps) for i in range(cfg.num_layers)]
+
+    def new_cache():
+        return SparseKVCache(policy, caps, 3, cfg.num_kv_heads, cfg.head_dim, torch.float32, DEVICE)
+
+    generic, fused = new_cache(), new_cache()
+    assert fused.dense_reads
+    tokens = torch.randint(0, cfg.vocab_size, (3, 40 + steps), device=DEVICE)
+    positions = torch.arange(40, device=DEVICE).expand(3, 40)
+    for cache in (generic, fused):
+        model.forward(tokens[:, :40], positions, cache, logit_index=lengths - 1, prefill=True)
+    assert fused.filled.tolist() == [12, 8, 12]  # a short row keeps its whole prompt
+    step = FusedDecodeStep(model, compile=False)
+    for t in range(steps):
+        pos = lengths + t
+        token = tokens[torch.arange(3), pos]
+        ref = model.forward(token[:, None], pos[:, None], generic)[:, 0]
+        out = step(token, pos, fused)
+        assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert torch.equal(generic.filled, fused.filled)
+    for layer in range(cfg.num_layers):
+        assert torch.equal(generic.pos[layer], fused.pos[layer])
+        live = fused.pos[layer] >= 0
+        for a, b in ((generic.k, fused.k), (generic.v, fused.v)):
+            assert torch.allclose(a[layer][live], b[layer][live], atol=1e-5)

@@ -43,6 +43,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def decode_lengths(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B]: the slots 0..n-1 a fused decode step reads; it stores the new token at n-1.
+        Here slot = position; a compacted cache (`SparseKVCache` in append mode) differs."""
+        return positions + 1
+
+    def after_decode(self, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Bookkeeping after a fused decode step wrote slot lengths - 1 of every layer."""
+
     def store_and_attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext
     ) -> torch.Tensor:

@@ -40,8 +40,34 @@ class SparseKVCache:
             for c in capacities
         ]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.pos = [torch.full((batch, num_kv_heads, c), -1, device=device) for c in capacities]
+        # append mode: one [L, B, Hkv, C] tensor (per-layer views) so a fused decode step
+        # books its slot in every layer with one write
+        shape = (len(capacities), batch, num_kv_heads, self.capacity)
+        self.pos_stack = torch.full(shape, -1, device=device) if self.dense_reads else None
+        if self.pos_stack is not None:
+            self.pos = list(self.pos_stack.unbind(0))
+        else:
+            self.pos = [torch.full((batch, num_kv_heads, c), -1, device=device) for c in capacities]
         self.score = [torch.zeros(batch, num_kv_heads, c, device=device) for c in capacities]
+        # Append mode (policy.appends_in_decode): row b's live slots are 0..filled[b]-1 in
+        # every layer and KV head (prefill keeps each row's real positions first, in position
+        # order; new tokens take the first free slot), so decode is dense attention.
+        self.filled = torch.zeros(batch, dtype=torch.long, device=device)
+
+    @property
+    def dense_reads(self) -> bool:
+        """The fused dense decode kernel serves decode steps (append mode only)."""
+        return self.policy.appends_in_decode and len(set(self.capacities)) == 1
+
+    def decode_lengths(self, positions: torch.Tensor) -> torch.Tensor:
+        """Append mode: the new token goes to slot filled (the last slot once full, which
+        happens only past the room the runner allocates for max_tokens)."""
+        return (self.filled + 1).clamp(max=self.capacity)
+
+    def after_decode(self, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        self.pos_stack[:, rows, :, lengths - 1] = positions[:, None, None]
+        self.filled.copy_(lengths)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -53,6 +79,8 @@ class SparseKVCache:
             return self._prefill(layer, q, k, v, step.prompt_lengths)
         for t in range(k.shape[2]):
             self._insert(layer, k[:, :, t], v[:, :, t], step.positions[:, t])
+        if layer == 0:
+            self.filled.add_(k.shape[2]).clamp_(max=self.capacity)
         return self._attend(layer, q, step.positions)
 
     # -- prefill: full causal attention among the prompt, then keep what the policy picks --
@@ -73,6 +101,8 @@ class SparseKVCache:
         self.v[layer][:, :, :keep] = v.gather(2, gather)
         self.pos[layer][:, :, :keep] = torch.where(picked, chosen, -1)
         self.pos[layer][:, :, keep:] = -1
+        if layer == 0:  # real positions sort first (padding positions are the largest)
+            self.filled.copy_(picked[:, 0].sum(-1))
         self.score[layer].zero_()
         self.score[layer][:, :, :keep] = raw.gather(-1, chosen) * picked
         return out

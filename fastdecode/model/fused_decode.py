@@ -45,8 +45,9 @@ def compiled(fn: Callable, compile: bool) -> Callable:
 class NewToken:
     """What every layer of one single-token decode step shares (computed once per step)."""
 
-    positions: torch.Tensor  # [B]: the token's position, which is also its slot
-    lengths: torch.Tensor  # [B]: positions + 1, the slots 0..position it sees
+    positions: torch.Tensor  # [B]: the token's position (RoPE)
+    lengths: torch.Tensor  # [B]: it sees slots 0..lengths-1 and is stored at lengths - 1
+    # (= positions + 1 in a cache whose slot is the position)
     cos: torch.Tensor  # [B, D]: RoPE at `positions`
     sin: torch.Tensor  # [B, D]
 
@@ -69,11 +70,13 @@ class FusedDecodeStep:
             attn = self.attend(i, qkv, cache, token)
             next_norm = layers[i + 1].attn_norm if i + 1 < len(layers) else model.norm
             x, h = self.finish_layer(x, attn, w, next_norm, eps)
+        cache.after_decode(positions, token.lengths)
         return F.linear(h[:, 0], model.lm_head).float()
 
     def new_token(self, positions: torch.Tensor, cache: KVCache) -> NewToken:
         model = self.model
-        return NewToken(positions, positions + 1, model.cos[positions], model.sin[positions])
+        lengths = cache.decode_lengths(positions)
+        return NewToken(positions, lengths, model.cos[positions], model.sin[positions])
 
     def attend(self, layer: int, qkv: torch.Tensor, cache: KVCache, token: NewToken):
         """Store the new token's k, v of `layer` (from its QKV projection [B, (Hq + 2 Hkv) * D])

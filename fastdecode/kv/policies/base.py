@@ -24,6 +24,10 @@ class KVPolicy:
     # "evict": the cache keeps only `capacity` entries (SparseKVCache); "select": the cache
     # keeps everything and each decode step reads a subset (SelectiveKVCache, ReadPolicy)
     storage = "evict"
+    # True: decode steps never evict (the cache has room for every generated token), so new
+    # tokens append after the kept prompt slots and a decode step is dense attention over
+    # slots 0..filled: the fused dense decode kernel serves it (SnapKV).
+    appends_in_decode = False
 
     def __init__(self, budget: int) -> None:
         if budget < 1:

@@ -32,6 +32,7 @@ def window_attention(
 
 class SnapKVPolicy(KVPolicy):
     name = "snapkv"
+    appends_in_decode = True  # the selection is made once, at prefill
 
     def __init__(self, budget: int, window: int = 32, pool: int = 7) -> None:
         super().__init__(budget)
