@@ -51,6 +51,11 @@ class SpecStats:
         for depth in range(accepted_depth):
             self.accepted[depth] += 1
 
+    def record_plain(self, steps: int) -> None:
+        """`steps` plain decode steps of one token each (a K = 0 burst), in one call."""
+        self.steps += steps
+        self.emitted += steps
+
 
 @dataclass
 class SpecTiming(BatchTiming):
@@ -62,14 +67,24 @@ class SpecTiming(BatchTiming):
 class Contexts(Sequence[list[int]]):
     """Each row's prompt + output *as the states are now*, built only for the rows a drafter
     reads: copying every row's long context on every step costs as much as a GPU step at
-    batch 32 with 8K-token prompts. Read it before the step's tokens are added."""
+    batch 32 with 8K-token prompts. Read it before the step's tokens are added, or give
+    `ends` (each row's output tokens to show) when handing over tokens added earlier."""
 
-    def __init__(self, prompts: list[list[int]], states: list[RequestState]) -> None:
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        states: list[RequestState],
+        ends: Sequence[int] | None = None,
+    ) -> None:
         self.prompts = prompts
         self.states = states
+        self.ends = ends
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, row: int) -> list[int]:  # type: ignore[override]
-        return self.prompts[row] + self.states[row].token_ids
+        output = self.states[row].token_ids
+        if self.ends is not None:
+            output = output[: self.ends[row]]
+        return self.prompts[row] + output

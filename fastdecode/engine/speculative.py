@@ -90,6 +90,7 @@ def run_speculative(
     timing.steps = 1
     yield
 
+    owed = None  # drafter updates of the last plain burst, handed over when next useful
     while not all(s.finished for s in states):
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
@@ -104,11 +105,15 @@ def run_speculative(
         if length_policy is not None and not any(budget.values()) and not any(drafter.want_probs):
             # The policy turned speculation off: plain steps in a burst, on the device with
             # one host sync (as engine/generate.py does), not one verify round-trip per token.
-            plain_burst(runner, prompts, states, drafter, timing, lengths, last, generators,
-                         length_policy, room=trash_slot(cache) - max(lengths) - 1)  # fmt: skip
+            owed = plain_burst(runner, prompts, states, drafter, timing, lengths, last,
+                               generators, length_policy, room=trash_slot(cache) - max(lengths) - 1,
+                               owed=owed)  # fmt: skip
             timing.decode_s = time.perf_counter() - start - timing.prefill_s
             yield
             continue
+        if owed is not None:
+            owed.flush()
+            owed = None
         contexts = Contexts(prompts, states)
         t0 = time.perf_counter()
         trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
@@ -117,8 +122,9 @@ def run_speculative(
         elapsed = time.perf_counter() - t0
         timing.draft_s += elapsed
         levels = max(tree.max_depth for tree in trees)
-        if levels and hasattr(length_policy, "record_draft"):
-            length_policy.record_draft(batch, levels, elapsed)
+        if levels and hasattr(length_policy, "record_draft"):  # per level, backlog left out
+            backlog = getattr(drafter, "catch_up_s", 0.0)
+            length_policy.record_draft(batch, levels, max(0.0, elapsed - backlog))
         drafting = [b for b in active if rooms[b] > 0]
         for b in drafting:  # rows share the batched drafting time
             timing.rows[b].draft_s += elapsed / len(drafting)
@@ -166,6 +172,8 @@ def run_speculative(
         timing.decode_s = time.perf_counter() - start - timing.prefill_s
         yield
 
+    if owed is not None:  # e.g. the global suffix tree gets every request's whole output
+        owed.flush()
     for b, state in enumerate(states):
         timing.rows[b].cache_length = lengths[b]
         state.finalize()

@@ -29,7 +29,10 @@ class BatchDrafter(Protocol):
     `contexts[b]` (prompt + output; the last token is the root, not yet in the target's
     cache, which holds `lengths[b]` tokens); `accept` hands over what the verify step
     emitted (None for rows that took no part). `contexts` is a view built row by row on
-    access (fastdecode.engine.speculative.Contexts): read only the rows you need."""
+    access (fastdecode.engine.speculative.Contexts): read only the rows you need. After
+    plain (K = 0) steps one verdict may carry several steps' tokens and no accepted drafts.
+    Optional `catch_up_s`: seconds of the last `propose` spent writing a backlog of such
+    tokens rather than drafting (the goodput rule's per-level draft cost leaves it out)."""
 
     want_probs: list[bool]
 

@@ -1,10 +1,15 @@
 """`draft_model`: a separate small model with the target's tokenizer drafts, keeping its own
 KV cache in step with the accepted text (Leviathan et al. 2023; Chen et al. 2023).
 
-Its cache holds every token the target accepted: the tokens emitted by a verify step are
-written by the next catch-up pass, which also yields the first draft distribution, so each
-step costs (draft depth) draft passes and no extra resync pass. Rejected drafts only ever
-live in scratch slots the next catch-up overwrites.
+Its cache holds every token the target accepted, written lazily: the tokens emitted by a
+verify step are written by the next catch-up pass, which also yields the first draft
+distribution, so each step costs (draft depth) draft passes and no extra resync pass.
+Rejected drafts only ever live in scratch slots the next catch-up overwrites. While a row
+drafts nothing (K = 0: the goodput rule at large batch) the draft model does not run for it
+at all -- not even the prompt's prefill: its tokens wait in `pending`, and when the row
+drafts again a long backlog is written first in bulk (`_catch_up`: the prompt's prefill, or
+causal chunks like a chunked prefill, projecting no logits), leaving only the root to the
+drafting pass.
 
 Big Little Decoder's *fallback* policy (Kim et al. 2023: hand control to the large model as
 soon as the small one is unsure) is the chain's confidence threshold (`TreeShape.threshold`);
@@ -14,13 +19,18 @@ the paper is not offered: outputs stay identical to the target's).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
-from fastdecode.engine.graphed import GraphedForward
+from fastdecode.engine.graphed import GraphedForward, trash_slot
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
 from fastdecode.spec.tree import DraftTree
+
+CATCH_UP_SHORT = 16  # a row's pending tokens the drafting pass writes itself (one pass)
+CATCH_UP_CHUNK = 128  # columns per bulk catch-up forward: bounds its mask and activations
 
 
 def check_same_tokenizer(draft_tokenizer, target_tokenizer, name: str) -> None:
@@ -44,6 +54,7 @@ class DraftModelDrafter:
         self.max_nodes = max_nodes
         self.target_vocab = target_vocab
         self.want_probs: list[bool] = []
+        self.catch_up_s = 0.0  # of the last propose: writing a backlog, not drafting
         self._forward: GraphedForward | None = None
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:
@@ -58,9 +69,9 @@ class DraftModelDrafter:
             self._forward = GraphedForward(
                 self.runner.model, cache, enabled=self.runner.cuda_graphs
             )
-        self.runner.prefill(prompts)
-        self.length = [len(p) for p in prompts]  # tokens in the draft cache
-        self.pending = [[token] for token in first]  # accepted, not yet in the draft cache
+        self.length = [0] * batch  # tokens in the draft cache
+        # accepted, not yet in the draft cache: the prompt too, prefilled when first needed
+        self.pending = [list(p) + [token] for p, token in zip(prompts, first, strict=True)]
 
     def _forward_padded(self, tokens, positions, slots, mask) -> torch.Tensor:
         """Draft logits over the target's vocabulary (a smaller embedding pads with -inf)."""
@@ -71,18 +82,67 @@ class DraftModelDrafter:
         return logits[..., : self.target_vocab]
 
     def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
+        """Rows with room 0 neither draft nor catch up: their tokens stay pending."""
+        drafting = [b for b, room in enumerate(rooms) if room > 0]
+        t0 = time.perf_counter()
+        self._catch_up([b for b in drafting if len(self.pending[b]) > CATCH_UP_SHORT])
+        self.catch_up_s = time.perf_counter() - t0
         growers = [
             self.shape.grower(room, p.greedy, gen) if room > 0 else None
             for room, p, gen in zip(rooms, self.params, self.generators, strict=True)
         ]
+        pending = [self.pending[b] if rooms[b] > 0 else [] for b in range(len(rooms))]
         trees = draft_trees(
-            self._forward_padded, self._forward.cache, self.pending, self.length, growers,
-            self.params,
-        )  # fmt: skip
-        for b, tokens in enumerate(self.pending):
-            self.length[b] += len(tokens)
+            self._forward_padded, self._forward.cache, pending, self.length, growers, self.params
+        )
+        for b in drafting:
+            self.length[b] += len(self.pending[b])
             self.pending[b] = []
         return trees
+
+    @torch.inference_mode()
+    def _catch_up(self, rows: list[int]) -> None:
+        """Write all but the last pending token of `rows` into the draft cache, in bulk: a
+        backlog of plain (K = 0) steps or the prompt. Only K/V are wanted (one logit row).
+        An empty cache takes the prompt prefill's path (causal attention over the new
+        tokens only); otherwise chunks of CATCH_UP_CHUNK columns attend causally to the
+        cache, other rows' columns writing the trash slot."""
+        if not rows:
+            return
+        try:
+            self._write_backlog(rows)
+        finally:
+            if self.runner.device.type == "cuda":  # its time is the backlog's, not drafting's
+                torch.cuda.synchronize(self.runner.device)
+
+    def _write_backlog(self, rows: list[int]) -> None:
+        model, cache = self.runner.model, self._forward.cache
+        batch, device = len(self.pending), self.runner.device
+        if not any(self.length):
+            texts = [self.pending[b][:-1] if b in rows else [0] for b in range(batch)]
+            self.runner.prefill(texts)  # other rows (a dummy token) stay empty: length 0
+            for b in rows:
+                self.length[b] = len(texts[b])
+                self.pending[b] = self.pending[b][-1:]
+            return
+        trash = trash_slot(cache)
+        while any(len(self.pending[b]) > 1 for b in rows):
+            width = min(CATCH_UP_CHUNK, max(len(self.pending[b]) - 1 for b in rows))
+            tokens = [[0] * width for _ in range(batch)]
+            positions = [[0] * width for _ in range(batch)]
+            slots = [[trash] * width for _ in range(batch)]
+            for b in rows:
+                part = self.pending[b][: min(width, len(self.pending[b]) - 1)]
+                start = self.length[b]
+                tokens[b][: len(part)] = part
+                positions[b][: len(part)] = slots[b][: len(part)] = range(start, start + len(part))
+                self.length[b] += len(part)
+                self.pending[b] = self.pending[b][len(part) :]
+            ids = torch.tensor([tokens, positions, slots], device=device)
+            model.forward(
+                ids[0], ids[1], cache, slots=ids[2],
+                logit_index=torch.zeros(batch, dtype=torch.long, device=device),
+            )  # fmt: skip
 
     def accept(self, contexts, verdicts) -> None:
         for b, verdict in enumerate(verdicts):
