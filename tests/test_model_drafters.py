@@ -138,6 +138,31 @@ def test_draft_model_greedy_equals_plain(
         assert r.metrics["spec_steps"] <= TINY_GREEDY.max_tokens - 1
 
 
+def test_device_greedy_chains_draft_what_level_by_level_drafting_drafts(
+    tiny_llm, tiny_drafts, monkeypatch
+):
+    """Greedy chains grown on the device (`grow_greedy_chains`: argmax fed straight into
+    the next decode step) propose the very drafts the level-by-level loop proposes: the
+    same per-request acceptance, step for step."""
+    from fastdecode.spec.drafters import tree_drafting
+
+    spec = draft_config(tiny_drafts["perturbed"], confidence_threshold=0.3)
+
+    def run():
+        results = tiny_llm.generate(TINY_PROMPTS, TINY_GREEDY, speculative_config=spec)
+        keys = ("spec_steps", "draft_tokens", "accepted_tokens")
+        return [(r.token_ids, [r.metrics[k] for k in keys]) for r in results]
+
+    calls = []
+    original = tree_drafting.grow_greedy_chains
+    monkeypatch.setattr(tree_drafting, "grow_greedy_chains",
+                        lambda *a: calls.append(1) or original(*a))  # fmt: skip
+    on_device = run()
+    assert calls
+    monkeypatch.setattr(tree_drafting, "greedy_chains_only", lambda growers: False)
+    assert run() == on_device
+
+
 def test_draft_model_greedy_with_stops_and_shorthand(tiny_llm, tiny_drafts):
     """The "draft:PATH" shorthand, a confidence threshold, eos / stop strings and per-request
     max_tokens ending rows mid-run: same tokens and finish reasons as plain decoding."""

@@ -75,7 +75,13 @@ class DraftModelDrafter:
 
     def _forward_padded(self, tokens, positions, slots, mask) -> torch.Tensor:
         """Draft logits over the target's vocabulary (a smaller embedding pads with -inf)."""
-        logits = self._forward(tokens, positions, slots, mask)
+        return self._to_target_vocab(self._forward(tokens, positions, slots, mask))
+
+    def _decode_padded(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One graphed decode step of the draft model (slot = position): a chain level."""
+        return self._to_target_vocab(self.runner.decode(tokens, positions))
+
+    def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         extra = self.target_vocab - logits.shape[-1]
         if extra > 0:
             return F.pad(logits, (0, extra), value=float("-inf"))
@@ -93,8 +99,9 @@ class DraftModelDrafter:
         ]
         pending = [self.pending[b] if rooms[b] > 0 else [] for b in range(len(rooms))]
         trees = draft_trees(
-            self._forward_padded, self._forward.cache, pending, self.length, growers, self.params
-        )
+            self._forward_padded, self._forward.cache, pending, self.length, growers,
+            self.params, decode=self._decode_padded,
+        )  # fmt: skip
         for b in drafting:
             self.length[b] += len(self.pending[b])
             self.pending[b] = []

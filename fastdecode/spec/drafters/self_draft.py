@@ -24,9 +24,14 @@ from fastdecode.engine.runner import ModelRunner
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.step import StepContext
 from fastdecode.model.layers import decoder_layer
-from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
+from fastdecode.spec.drafters.tree_drafting import (
+    TreeShape,
+    draft_generators,
+    draft_trees,
+    greedy_chains_only,
+    grow_greedy_chains,
+)
 from fastdecode.spec.tree import DraftTree
-from fastdecode.spec.tree_growth import ChainGrower
 
 SKIP_FRACTION = 0.35
 
@@ -81,33 +86,19 @@ class SparseChainForward:
         return self.decode(tokens[:, 0], positions)[:, None]
 
     def greedy_chains(self, roots: list[int], starts: list[int], growers: list) -> None:
-        """Grow greedy chains with the argmax kept on the GPU: pass k decodes pass k-1's
-        argmax at position start + k, so the passes run back to back and the host reads
-        every row's tokens and confidences once at the end (the level-by-level path waits
-        for the host between passes, and at batch 32 that wait was most of a draft).
-        Same tokens and early exits as `draft_trees` + `ChainGrower.extend_top`."""
-        rooms = [0 if g is None else g.max_nodes for g in growers]
-        if not any(rooms):
+        """Greedy chains on the device: the root's pass is a decode step too, then
+        `grow_greedy_chains` (no host round trip per level)."""
+        if not any(g is not None for g in growers):
             return
         device = self.cache.k[0].device
-        positions = torch.tensor(
-            [[s + k if k < room else self.trash for s, room in zip(starts, rooms, strict=True)]
-             for k in range(max(rooms))],
-            dtype=torch.long,
-        ).to(device)  # fmt: skip
-        tokens = torch.tensor(roots, dtype=torch.long).to(device)
-        picked, confidence = [], []
-        for k in range(positions.shape[0]):
-            top1, tokens = self.decode(tokens, positions[k]).float().softmax(-1).max(-1)
-            picked.append(tokens)
-            confidence.append(top1)
-        picked = torch.stack(picked, 1).tolist()  # [B, K]: one transfer each
-        confidence = torch.stack(confidence, 1).tolist()
-        for b, grower in enumerate(growers):
-            for k in range(rooms[b]):
-                if grower.done:
-                    break
-                grower.extend_top(picked[b][k], confidence[b][k])
+        positions = [
+            s if g is not None else self.trash for s, g in zip(starts, growers, strict=True)
+        ]
+        first = self.decode(
+            torch.tensor(roots, dtype=torch.long).to(device),
+            torch.tensor(positions, dtype=torch.long).to(device),
+        )
+        grow_greedy_chains(self.decode, first, starts, growers, self.trash)
 
 
 class SelfDrafter:
@@ -164,9 +155,7 @@ class SelfDrafter:
             cache.sparse_reads = True
         try:
             forward = self._forward
-            if isinstance(forward, SparseChainForward) and all(
-                g is None or (isinstance(g, ChainGrower) and g.greedy) for g in growers
-            ):
+            if isinstance(forward, SparseChainForward) and greedy_chains_only(growers):
                 roots = [p[0] if p else 0 for p in pending]
                 forward.greedy_chains(roots, list(lengths), growers)
                 return [DraftTree.empty() if g is None else g.tree() for g in growers]

@@ -140,6 +140,48 @@ def _step_inputs(rows: list[list[Column]], trash: int, device):
     return ids[:, 0], ids[:, 1], ids[:, 2], mask
 
 
+DecodeStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # tokens, positions [B]
+
+
+def greedy_chains_only(growers: list) -> bool:
+    """Every row drafts a greedy chain (or nothing): `grow_greedy_chains` may serve it."""
+    return all(g is None or (isinstance(g, ChainGrower) and g.greedy) for g in growers)
+
+
+def grow_greedy_chains(
+    decode: DecodeStep, first: torch.Tensor, roots: list[int], growers: list, trash: int
+) -> None:
+    """Grow greedy chains with the argmax kept on the GPU. `first` [B, V]: each row's draft
+    logits after its root (at position roots[b]); pass k then decodes pass k-1's argmax at
+    position root + k (= its slot: a chain node is a plain decode step), so the passes run
+    back to back and the host reads every row's tokens and confidences once at the end.
+    Level by level, the host waited for each pass before building the next one, and for
+    small draft models that wait was most of the drafting time. Same tokens and early
+    exits as `draft_trees` + `ChainGrower.extend_top`; rows past their room (or without a
+    grower) decode at the trash slot."""
+    rooms = [0 if g is None else g.max_nodes for g in growers]
+    if not any(rooms):
+        return
+    positions = torch.tensor(
+        [[r + k if k < room else trash for r, room in zip(roots, rooms, strict=True)]
+         for k in range(1, max(rooms))],
+        dtype=torch.long,
+    ).to(first.device)  # fmt: skip
+    confidence, tokens = first.float().softmax(-1).max(-1)
+    picked, confidences = [tokens], [confidence]
+    for level_positions in positions:
+        confidence, tokens = decode(tokens, level_positions).float().softmax(-1).max(-1)
+        picked.append(tokens)
+        confidences.append(confidence)
+    chosen = torch.stack(picked, 1).tolist()  # [B, K]: one transfer each
+    probs = torch.stack(confidences, 1).tolist()
+    for b, grower in enumerate(growers):
+        for k in range(rooms[b]):
+            if grower.done:
+                break
+            grower.extend_top(chosen[b][k], probs[b][k])
+
+
 def draft_trees(
     forward: DraftForward,
     cache,
@@ -147,9 +189,12 @@ def draft_trees(
     starts: list[int],
     growers: list,
     params: Sequence[SamplingParams],
+    decode: DecodeStep | None = None,
 ) -> list[DraftTree]:
     """Write each row's `pending` tokens from slot `starts[b]`, then grow each row's tree
-    (rows whose grower is None only catch up). Returns one tree per row."""
+    (rows whose grower is None only catch up). Returns one tree per row. With `decode` (a
+    single-token step over the same cache), greedy chains grow on the device
+    (`grow_greedy_chains`)."""
     device = cache.k[0].device
     trash = trash_slot(cache)
     rows = [
@@ -158,6 +203,13 @@ def draft_trees(
     ]
     logits = forward(*_step_inputs(rows, trash, device))
     roots = [s + len(p) - 1 for p, s in zip(pending, starts, strict=True)]
+    if decode is not None and greedy_chains_only(growers):
+        columns = [max(0, len(p) - 1) for p in pending]
+        first = logits[
+            torch.arange(len(pending), device=device), torch.tensor(columns, device=device)
+        ]
+        grow_greedy_chains(decode, first, roots, growers, trash)
+        return [DraftTree.empty() if g is None else g.tree() for g in growers]
     first = {
         b: len(pending[b]) - 1
         for b, g in enumerate(growers)
