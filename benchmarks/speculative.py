@@ -382,10 +382,10 @@ def main() -> None:
         bench_rows(llm, args.target, chosen, table, sampled, 1, "sample", args, rows, args.out)
     if "batch" in args.sections:
         table = {}
-        for name, spec in methods(args).items():
+        for name, spec in methods(args).items():  # fixed K for some, the goodput rule for all
             if name in ("plain", "ngram", "suffix", "draft_chain"):
                 table[name] = spec
-            if spec is not None and name in ("ngram", "suffix", "draft_chain"):
+            if spec is not None and name != "draft_dyspec":
                 table[name + "+goodput"] = {**spec, "draft_length": "goodput"}
         for batch in args.batches:
             chosen = {"humaneval": [[s[0]] for s in load_workloads(batch, 0, 0)["humaneval"]]}

@@ -132,3 +132,14 @@ def test_suffix_gets_every_plain_token_in_bulk(tiny_llm, plain, phases):
     for state in states:
         expected.add(state.token_ids)
     assert tree_paths(config._shared["global_tree"]) == tree_paths(expected)
+
+
+def test_stand_takes_plain_bursts_and_keeps_greedy_output(tiny_llm, plain):
+    """STAND learns from the target's distributions, which plain bursts do not hand it: it
+    still takes them (K = 0 means no drafting, whatever the drafter), loses only those
+    statistics, and the output stays plain greedy."""
+    spec = SpeculativeConfig(method="stand", num_draft_tokens=4)
+    states, drafter, policy = speculate(tiny_llm, spec, PROMPTS, lambda drafter: Phases(2, 2))
+    assert [s.token_ids for s in states] == plain
+    kinds = [k for k, _ in policy.log]
+    assert kinds.count(0) > 1 and kinds.count(4) > 1

@@ -102,9 +102,12 @@ def run_speculative(
                 states[b].params.max_tokens - len(states[b].token_ids) - 1,  # target adds one
                 trash_slot(cache) - lengths[b] - 1,
             ))  # fmt: skip
-        if length_policy is not None and not any(budget.values()) and not any(drafter.want_probs):
+        if length_policy is not None and not any(budget.values()):
             # The policy turned speculation off: plain steps in a burst, on the device with
             # one host sync (as engine/generate.py does), not one verify round-trip per token.
+            # A drafter that learns from the target's distributions (STAND) misses those of
+            # the burst's tokens (it still indexes the tokens themselves): fewer statistics,
+            # same output.
             owed = plain_burst(runner, prompts, states, drafter, timing, lengths, last,
                                generators, length_policy, room=trash_slot(cache) - max(lengths) - 1,
                                owed=owed)  # fmt: skip

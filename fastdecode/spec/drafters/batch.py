@@ -79,6 +79,6 @@ class PerRowDrafters:
         for b, (drafter, verdict) in enumerate(zip(self.drafters, verdicts, strict=True)):
             if verdict is None:
                 continue
-            if self.want_probs[b]:
+            if self.want_probs[b] and verdict.probs is not None:  # None: a plain burst's
                 drafter.observe(contexts[b], verdict.tokens, verdict.probs)
             drafter.update(verdict.tokens)
