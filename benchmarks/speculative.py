@@ -328,6 +328,38 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_section(section: str, llm, args, workloads, greedy, rows: list[dict]) -> None:
+    if section == "b1":
+        bench_rows(
+            llm, args.target, workloads, methods(args), greedy, 1, "b1", args, rows, args.out
+        )
+    elif section == "hf" and torch.cuda.is_available():
+        bench_hf(llm, args, workloads, rows, args.out)
+    elif section == "sample":
+        sampled = SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=0)
+        table = {k: v for k, v in methods(args).items() if k in ("plain", "suffix", "stand",
+                                                                  "draft_chain")}  # fmt: skip
+        chosen = {k: workloads[k] for k in ("humaneval", "agent")}
+        bench_rows(llm, args.target, chosen, table, sampled, 1, "sample", args, rows, args.out)
+    elif section == "batch":
+        table = {}
+        for name, spec in methods(args).items():  # fixed K for some, the goodput rule for all
+            if name in ("plain", "ngram", "suffix", "draft_chain"):
+                table[name] = spec
+            if spec is not None and name != "draft_dyspec":
+                table[name + "+goodput"] = {**spec, "draft_length": "goodput"}
+        for batch in args.batches:
+            chosen = {"humaneval": [[s[0]] for s in load_workloads(batch, 0, 0)["humaneval"]]}
+            chosen["gsm8k"] = [[s[0]] for s in load_workloads(batch, 0, 0)["gsm8k"]]
+            bench_rows(llm, args.target, chosen, table, greedy, batch, "batch", args, rows,
+                       args.out)  # fmt: skip
+    elif section == "small" and args.small_target:
+        small = LLM(args.small_target, progress=False)
+        chosen = {k: workloads[k] for k in ("humaneval", "agent")}
+        bench_rows(small, args.small_target, chosen, methods(args, small=True), greedy, 1,
+                   "small", args, rows, args.out)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -368,37 +400,8 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     log(f"loading {args.target}")
     llm = LLM(args.target, progress=False)
-    if "b1" in args.sections:
-        bench_rows(
-            llm, args.target, workloads, methods(args), greedy, 1, "b1", args, rows, args.out
-        )
-    if "hf" in args.sections and torch.cuda.is_available():
-        bench_hf(llm, args, workloads, rows, args.out)
-    if "sample" in args.sections:
-        sampled = SamplingParams(max_tokens=args.max_tokens, temperature=0.7, seed=0)
-        table = {k: v for k, v in methods(args).items() if k in ("plain", "suffix", "stand",
-                                                                  "draft_chain")}  # fmt: skip
-        chosen = {k: workloads[k] for k in ("humaneval", "agent")}
-        bench_rows(llm, args.target, chosen, table, sampled, 1, "sample", args, rows, args.out)
-    if "batch" in args.sections:
-        table = {}
-        for name, spec in methods(args).items():  # fixed K for some, the goodput rule for all
-            if name in ("plain", "ngram", "suffix", "draft_chain"):
-                table[name] = spec
-            if spec is not None and name != "draft_dyspec":
-                table[name + "+goodput"] = {**spec, "draft_length": "goodput"}
-        for batch in args.batches:
-            chosen = {"humaneval": [[s[0]] for s in load_workloads(batch, 0, 0)["humaneval"]]}
-            chosen["gsm8k"] = [[s[0]] for s in load_workloads(batch, 0, 0)["gsm8k"]]
-            bench_rows(llm, args.target, chosen, table, greedy, batch, "batch", args, rows,
-                       args.out)  # fmt: skip
-    if "small" in args.sections and args.small_target:
-        del llm
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        small = LLM(args.small_target, progress=False)
-        chosen = {k: workloads[k] for k in ("humaneval", "agent")}
-        bench_rows(small, args.small_target, chosen, methods(args, small=True), greedy, 1,
-                   "small", args, rows, args.out)  # fmt: skip
+    for section in dict.fromkeys(args.sections):  # in the order given: a run cut short
+        run_section(section, llm, args, workloads, greedy, rows)  # keeps the first ones' rows
     write_report(rows, args.out, args)
     print((args.out / f"{args.name}.md").read_text())
 
