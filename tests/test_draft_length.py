@@ -154,6 +154,30 @@ def test_goodput_turns_speculation_off_for_a_big_batch_with_low_acceptance():
     assert all(k > 0 for k in policy.plan(rows, stats, max_k=8).values())
 
 
+def test_goodput_counts_steps_with_nothing_proposed_as_rejections():
+    """A drafter with nothing to say (SuffixDecoding without a match) must not keep the
+    prior's optimism: steps that had room but proposed nothing lower alpha, so at batch 32
+    the rule stops asking (and plain bursts take over)."""
+    rows = list(range(32))
+
+    def silent(steps: int) -> SpecStats:
+        stats = SpecStats()
+        for _ in range(steps):
+            stats.record(DraftTree.empty(), 0, 1, asked=True)
+        return stats
+
+    policy = GoodputLength(StepCostModel(table=BATCH32))
+    assert policy.plan(rows, [SpecStats() for _ in rows], max_k=8)[0] > 0  # the prior alone
+    stats = [silent(20) for _ in rows]
+    assert stats[0].unproposed == 20 and stats[0].proposed == []
+    assert policy.plan(rows, stats, max_k=8) == {r: 0 for r in rows}
+    assert policy.acceptance.alpha(0) < 0.2
+    # a step the rule itself turned off (room 0) is no evidence either way
+    idle = SpecStats()
+    idle.record(DraftTree.empty(), 0, 1, asked=False)
+    assert idle.unproposed == 0
+
+
 def test_goodput_speculates_at_batch_one_with_good_acceptance():
     policy = GoodputLength(StepCostModel(table=BATCH1))
     plan = policy.plan([0], [geometric_stats(0.8, k=6, steps=50)], max_k=6)

@@ -19,7 +19,9 @@ class SpecStats:
     proposed[k] / accepted[k]: steps with a draft node at depth k + 1 / steps that accepted
     one. draft_s: this request's drafting time; verify_s: wall time of the verify steps it
     took part in (the batch shares them). cache_length: slots of the request in the cache
-    that hold accepted tokens (all but the last emitted token).
+    that hold accepted tokens (all but the last emitted token). unproposed: verify steps
+    where the row had room to draft but its drafter proposed nothing (SuffixDecoding with
+    no match): the goodput rule counts them as rejected drafts.
     """
 
     steps: int = 0
@@ -29,6 +31,7 @@ class SpecStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     cache_length: int = 0
+    unproposed: int = 0
 
     @property
     def tau(self) -> float:
@@ -39,9 +42,14 @@ class SpecStats:
         """Per draft position: accepted / proposed."""
         return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed, strict=True)]
 
-    def record(self, tree: DraftTree, accepted_depth: int, emitted: int) -> None:
+    def record(
+        self, tree: DraftTree, accepted_depth: int, emitted: int, asked: bool = False
+    ) -> None:
+        """One verify step; `asked`: the row had room to draft this step."""
         self.steps += 1
         self.emitted += emitted
+        if asked and not tree.max_depth:
+            self.unproposed += 1
         grow = tree.max_depth - len(self.proposed)
         if grow > 0:
             self.proposed += [0] * grow

@@ -148,14 +148,15 @@ def run_speculative(
         _synchronize(device)
         elapsed = time.perf_counter() - t0
         timing.verify_s += elapsed
-        if length_policy is not None:
-            if width:
-                length_policy.record_verify(batch, 1 + width, elapsed)
-            else:
-                length_policy.record_plain(batch, elapsed)
 
         # -- emit -------------------------------------------------------------------------
         drafter.accept(contexts, [v if b in active else None for b, v in enumerate(verdicts)])
+        if length_policy is not None:  # the step's cost includes the drafter's bookkeeping
+            step_s = time.perf_counter() - t0  # (STAND's pull of the target's distributions)
+            if width:
+                length_policy.record_verify(batch, 1 + width, step_s)
+            else:
+                length_policy.record_plain(batch, step_s)
         for b in active:
             state, verdict, tree = states[b], verdicts[b], trees[b]
             emitted = 0
@@ -166,7 +167,7 @@ def run_speculative(
                 emitted += 1
             stats = timing.rows[b]
             stats.verify_s += elapsed
-            stats.record(tree, len(verdict.accepted), emitted)
+            stats.record(tree, len(verdict.accepted), emitted, asked=rooms[b] > 0)
             if length_policy is not None and hasattr(length_policy, "record_row"):
                 length_policy.record_row(b, tree.max_depth, len(verdict.accepted))
             lengths[b] += 1 + len(verdict.accepted)

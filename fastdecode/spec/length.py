@@ -88,21 +88,24 @@ class _Outcomes:
     accepted. Several steps between looks come back as their mean."""
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[int, int, int]] = {}
+        self._seen: dict[int, tuple[int, list[int], list[int], int]] = {}
 
-    def delta(self, row: int, stats: RowStats) -> tuple[int, list[int], list[int]]:
-        """(new steps, new proposals per depth, new acceptances per depth)."""
+    def delta(self, row: int, stats: RowStats) -> tuple[int, list[int], list[int], int]:
+        """(new steps, new proposals per depth, new acceptances per depth, new steps that
+        had room to draft but proposed nothing)."""
         steps, proposed, accepted = stats.steps, list(stats.proposed), list(stats.accepted)
-        old_steps, old_p, old_a = self._seen.get(row, (0, [], []))
+        unproposed = getattr(stats, "unproposed", 0)
+        old_steps, old_p, old_a, old_u = self._seen.get(row, (0, [], [], 0))
         if steps < old_steps:  # a new request reuses the row
-            old_steps, old_p, old_a = 0, [], []
-        self._seen[row] = (steps, proposed, accepted)
+            old_steps, old_p, old_a, old_u = 0, [], [], 0
+        self._seen[row] = (steps, proposed, accepted, unproposed)
         pad = len(proposed) - len(old_p)
         old_p, old_a = old_p + [0] * pad, old_a + [0] * pad
         return (
             steps - old_steps,
             [n - o for n, o in zip(proposed, old_p, strict=True)],
             [n - o for n, o in zip(accepted, old_a, strict=True)],
+            unproposed - old_u,
         )
 
     def forget(self, row: int) -> None:
@@ -150,7 +153,7 @@ class FeedbackLength(_Timeless):
         _check_rows(rows, stats, max_k)
         plan = {}
         for row, st in zip(rows, stats, strict=True):
-            steps, proposed, accepted = self._outcomes.delta(row, st)
+            steps, proposed, accepted, _ = self._outcomes.delta(row, st)
             if steps > 0 and row not in self._recorded:
                 # the sum over depths of a step's proposals is its draft depth
                 self._update(row, sum(proposed) / steps, sum(accepted) / steps)
@@ -170,6 +173,8 @@ class AcceptanceEstimate:
     """Per-row acceptance rate alpha = P(the draft at depth k + 1 is accepted | depth k was),
     one rate per row (a geometric model), from recent outcomes: counts decay by `decay` per
     step and a Beta prior (`prior` with weight `prior_weight` trials) keeps new rows sane.
+    Steps where the row could draft but its drafter proposed nothing count as one rejected
+    trial each (`unproposed` in the row's stats, when it keeps that count).
 
     Per depth, the trials are the steps whose verification reached that depth: all proposals
     at depth 1, and at depth k + 1 the proposals times the acceptance rate at depth k."""
@@ -186,10 +191,12 @@ class AcceptanceEstimate:
         self._counts: dict[int, tuple[float, float]] = {}  # row -> (accepted, trials)
 
     def update(self, row: int, stats: RowStats) -> float:
-        steps, proposed, accepted = self._outcomes.delta(row, stats)
+        steps, proposed, accepted, unproposed = self._outcomes.delta(row, stats)
         hits, trials = self._counts.get(row, (0.0, 0.0))
         if steps > 0:
-            new_trials, reach = 0.0, 1.0
+            # a step with room but no proposal yields no extra token: a rejected first draft
+            # (else a drafter with nothing to say keeps the prior and the rule keeps asking)
+            new_trials, reach = float(unproposed), 1.0
             for p, a in zip(proposed, accepted, strict=True):
                 if p <= 0:
                     break
