@@ -95,6 +95,7 @@ class LLM:
         self.source = loaded.source
         self.max_batch_size = max_batch_size
         self.kv_policy = None if kv_policy is None else KVPolicyConfig.from_any(kv_policy)
+        _check_spec_with_policy(self.speculative_config, self.kv_policy)
         self.runner = ModelRunner(
             self.model, cuda_graphs=cuda_graphs, compile=compile, kv_policy=self.kv_policy
         )
@@ -207,7 +208,8 @@ class LLM:
     def _spec(self, speculative_config: SpecArg) -> SpeculativeConfig | None:
         if speculative_config is None:
             return self.speculative_config
-        return SpeculativeConfig.from_any(speculative_config)
+        spec = SpeculativeConfig.from_any(speculative_config)
+        return _check_spec_with_policy(spec, self.runner.kv_policy)
 
     def _decode(
         self,
@@ -276,3 +278,19 @@ class LLM:
         return GenerationResult(
             text_prompt, ids, state.text, state.token_ids, state.finish_reason, metrics
         )
+
+
+def _check_spec_with_policy(
+    spec: SpeculativeConfig | None, policy: KVPolicyConfig | None
+) -> SpeculativeConfig | None:
+    """Verification writes draft tokens that may be rejected, then forgets them: only a cache
+    that stores every position at its own slot (dense, or a sparse-retrieval policy) can. An
+    evicting, per-head, offloaded or quantized cache cannot take them back. (TriForce brings
+    its own sparse-read cache.)"""
+    if spec is None or policy is None or policy.storage == "select" or spec.method == "triforce":
+        return spec
+    raise ValueError(
+        f"speculative decoding ({spec.method}) cannot run over the {policy.name!r} KV policy: "
+        f"its cache ({policy.storage} storage) cannot roll back rejected drafts; use a "
+        "sparse-retrieval policy (quest, tidal, streaming_read) or no kv_policy"
+    )

@@ -111,3 +111,21 @@ def test_snapkv_prefill_leaves_room_for_generated_tokens(tiny_llm):
     for before, after in zip(kept_after_prefill, runner.cache.pos, strict=True):
         for b_head, a_head in zip(before, after[0], strict=True):
             assert set(b_head[b_head >= 0].tolist()) <= set(a_head.tolist())
+
+
+def test_speculation_over_an_evicting_policy_is_a_clear_error(tiny_llm):
+    """Verification writes drafts it may reject; an evicting cache cannot take them back,
+    so the combination is refused up front (a sparse-retrieval cache stores every position
+    and may speculate)."""
+    from fastdecode import SpeculativeConfig
+
+    params = SamplingParams(max_tokens=6, temperature=0)
+    spec = SpeculativeConfig(method="ngram", num_draft_tokens=3)
+    with pytest.raises(ValueError, match="cannot roll back rejected drafts"):
+        with_policy(tiny_llm, KVPolicyConfig("snapkv", 8)).generate(
+            PROMPTS[0], params, speculative_config=spec
+        )
+    out = with_policy(tiny_llm, KVPolicyConfig("quest", 1.0)).generate(
+        PROMPTS[0], params, speculative_config=spec
+    )
+    assert len(out[0].token_ids) == 6

@@ -74,6 +74,11 @@ class KVPolicyConfig:
     def build(self, context: int) -> KVPolicy:
         return make_policy(self.name, self.budget, context, **self.options)
 
+    @property
+    def storage(self) -> str:
+        """How the policy's cache stores KV ("evict", "select", "heads", "shadow", "quant")."""
+        return POLICIES[self.name].storage
+
     @classmethod
     def from_any(cls, spec: KVPolicyConfig | Mapping[str, Any]) -> KVPolicyConfig:
         if isinstance(spec, KVPolicyConfig):
