@@ -284,13 +284,14 @@ def _check_spec_with_policy(
     spec: SpeculativeConfig | None, policy: KVPolicyConfig | None
 ) -> SpeculativeConfig | None:
     """Verification writes draft tokens that may be rejected, then forgets them: only a cache
-    that stores every position at its own slot (dense, or a sparse-retrieval policy) can. An
-    evicting, per-head, offloaded or quantized cache cannot take them back. (TriForce brings
-    its own sparse-read cache.)"""
-    if spec is None or policy is None or policy.storage == "select" or spec.method == "triforce":
+    that stores every position at its own slot can (dense, a sparse-retrieval policy, and
+    ShadowKV, whose generated tokens stay exact and movable). An evicting, per-head or
+    quantized cache cannot take them back. (TriForce brings its own sparse-read cache.)"""
+    rolls_back = ("select", "shadow")
+    if spec is None or policy is None or policy.storage in rolls_back or spec.method == "triforce":
         return spec
     raise ValueError(
         f"speculative decoding ({spec.method}) cannot run over the {policy.name!r} KV policy: "
         f"its cache ({policy.storage} storage) cannot roll back rejected drafts; use a "
-        "sparse-retrieval policy (quest, tidal, streaming_read) or no kv_policy"
+        "sparse-retrieval policy (quest, tidal, streaming_read), shadowkv or no kv_policy"
     )
