@@ -79,7 +79,7 @@ class SparseKVCache:
             return self._prefill(layer, q, k, v, step.prompt_lengths)
         for t in range(k.shape[2]):
             self._insert(layer, k[:, :, t], v[:, :, t], step.positions[:, t])
-        if layer == 0:
+        if layer == 0 and self.pos_stack is not None:  # append mode
             self.filled.add_(k.shape[2]).clamp_(max=self.capacity)
         return self._attend(layer, q, step.positions)
 
@@ -101,8 +101,8 @@ class SparseKVCache:
         self.v[layer][:, :, :keep] = v.gather(2, gather)
         self.pos[layer][:, :, :keep] = torch.where(picked, chosen, -1)
         self.pos[layer][:, :, keep:] = -1
-        if layer == 0:  # real positions sort first (padding positions are the largest)
-            self.filled.copy_(picked[:, 0].sum(-1))
+        if layer == 0 and self.pos_stack is not None:  # append mode: real positions sort
+            self.filled.copy_(picked[:, 0].sum(-1))  # first (padding positions are largest)
         self.score[layer].zero_()
         self.score[layer][:, :, :keep] = raw.gather(-1, chosen) * picked
         return out

@@ -24,13 +24,7 @@ from fastdecode.engine.runner import ModelRunner
 from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.step import StepContext
 from fastdecode.model.layers import decoder_layer
-from fastdecode.spec.drafters.tree_drafting import (
-    TreeShape,
-    draft_generators,
-    draft_trees,
-    greedy_chains_only,
-    grow_greedy_chains,
-)
+from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
 from fastdecode.spec.tree import DraftTree
 
 SKIP_FRACTION = 0.35
@@ -84,21 +78,6 @@ class SparseChainForward:
             raise ValueError("sparse self-speculation drafts one token per row per pass")
         positions = torch.where(slots == self.trash, self.trash, positions)[:, 0]
         return self.decode(tokens[:, 0], positions)[:, None]
-
-    def greedy_chains(self, roots: list[int], starts: list[int], growers: list) -> None:
-        """Greedy chains on the device: the root's pass is a decode step too, then
-        `grow_greedy_chains` (no host round trip per level)."""
-        if not any(g is not None for g in growers):
-            return
-        device = self.cache.k[0].device
-        positions = [
-            s if g is not None else self.trash for s, g in zip(starts, growers, strict=True)
-        ]
-        first = self.decode(
-            torch.tensor(roots, dtype=torch.long).to(device),
-            torch.tensor(positions, dtype=torch.long).to(device),
-        )
-        grow_greedy_chains(self.decode, first, starts, growers, self.trash)
 
 
 class SelfDrafter:
@@ -154,12 +133,11 @@ class SelfDrafter:
         if sparse:
             cache.sparse_reads = True
         try:
-            forward = self._forward
-            if isinstance(forward, SparseChainForward) and greedy_chains_only(growers):
-                roots = [p[0] if p else 0 for p in pending]
-                forward.greedy_chains(roots, list(lengths), growers)
-                return [DraftTree.empty() if g is None else g.tree() for g in growers]
-            return draft_trees(forward, cache, pending, list(lengths), growers, self.params)
+            # a sparse chain's levels are plain decode steps: greedy ones grow on the device
+            decode = self._forward.decode if sparse else None
+            return draft_trees(
+                self._forward, cache, pending, list(lengths), growers, self.params, decode
+            )
         finally:
             if sparse:
                 cache.sparse_reads = False
