@@ -68,37 +68,83 @@ def policies(runner: ModelRunner, prompts: list[list[int]], context: int) -> Non
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
-def triforce(runner: ModelRunner, prompts: list[list[int]]) -> None:
+def _timed(owner, name: str, totals: dict) -> None:
+    """Wrap owner.name with device syncs on both sides, adding its wall time to totals[name]:
+    per-phase times that include the host's share (a sync-free run overlaps them)."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            sync()
+            key = f"{getattr(owner, '__name__', owner)}.{name}"
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    return inner
+
+
+def _run_triforce(runner, prompts, spec, warm: int = 4):
+    """One TriForce generation; returns (ms per step after `warm` steps, steps, timing)."""
     batch = len(prompts)
+    params = SamplingParams(max_tokens=48, temperature=0)
+    states = [RequestState(params, set(), _NoText()) for _ in range(batch)]
+    timing = SpecTiming()
+    drafter = spec.batch_drafter(runner, None, batch)
+    steps = run_speculative(runner, prompts, states, timing, drafter, 4)
+    for _ in range(1 + warm):  # prefill, then graph captures of the first steps
+        next(steps)
+    sync()
+    start, n = time.perf_counter(), 0
+    for _ in steps:
+        n += 1
+    sync()
+    return (time.perf_counter() - start) * 1e3 / max(1, n), n, timing
+
+
+def triforce(runner: ModelRunner, prompts: list[list[int]]) -> None:
+    """Clean steady-state cycle time, then a run with every phase fenced by syncs (where the
+    time goes, host included), a cProfile of a clean run (Python under the GPU's waits) and
+    the CUDA kernel table."""
+    import cProfile
+    import pstats
+
+    from fastdecode.engine import graphed, speculative
+    from fastdecode.spec.drafters import tree_drafting
+
     spec = SpeculativeConfig.from_any({
         "method": "triforce", "num_draft_tokens": 4,
         "drafter_kwargs": {"policy": "streaming_read", "budget": 1 / 16},
     })  # fmt: skip
-    for rep in range(2):  # the first pays compiles and graph captures
-        params = SamplingParams(max_tokens=32, temperature=0)
-        states = [RequestState(params, set(), _NoText()) for _ in range(batch)]
-        timing = SpecTiming()
-        steps = run_speculative(
-            runner, prompts, states, timing, spec.batch_drafter(runner, None, batch), 4
-        )
-        next(steps)
-        sync()
-        prof = torch.profiler.profile(activities=[PROFILE.CPU, PROFILE.CUDA]) if rep else None
-        if prof:
-            prof.__enter__()
-        start, n = time.perf_counter(), 0
-        for _ in steps:
-            n += 1
-        sync()
-        if prof:
-            prof.__exit__(None, None, None)
-        elapsed = time.perf_counter() - start
+    for rep in range(2):
+        ms, n, timing = _run_triforce(runner, prompts, spec)
         tau = statistics.mean(r.tau for r in timing.rows)
-        per_step = {"draft": timing.draft_s, "verify": timing.verify_s}
-        split = " ".join(f"{k} {v * 1e3 / n:.2f}" for k, v in per_step.items())
-        print(f"triforce rep{rep}: {n} steps {elapsed * 1e3 / n:.2f} ms/step tau {tau:.2f} {split}")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        print(f"triforce rep{rep}: {n} steps {ms:.2f} ms/step tau {tau:.2f}", flush=True)
+    totals: dict = {}
+    originals = [
+        (graphed.GraphedDecode, "__call__"), (graphed.GraphedForward, "__call__"),
+        (speculative, "verify_batch"), (speculative, "pad_trees"), (speculative, "_compact"),
+        (tree_drafting, "_step_inputs"), (tree_drafting, "grow_greedy_chains"),
+    ]  # fmt: skip
+    saved = [(owner, name, _timed(owner, name, totals)) for owner, name in originals]
+    ms, n, timing = _run_triforce(runner, prompts, spec, warm=0)
+    for owner, name, inner in saved:
+        setattr(owner, name, inner)
+    print(f"fenced: {ms:.2f} ms/step over {n + 1} steps")
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {name}: {seconds * 1e3 / (n + 1):.2f} ms/step")
+    profile = cProfile.Profile()
+    profile.enable()
+    ms, n, _ = _run_triforce(runner, prompts, spec)
+    profile.disable()
+    print(f"cProfile run: {ms:.2f} ms/step")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(20)
+    with torch.profiler.profile(activities=[PROFILE.CUDA]) as prof:
+        ms, n, _ = _run_triforce(runner, prompts, spec)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 
 def main() -> None:
