@@ -11,6 +11,7 @@ committed speed numbers come from benchmarks/longcontext.py on the real model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -87,8 +88,9 @@ def _timed(owner, name: str, totals: dict) -> None:
     return inner
 
 
-def _run_triforce(runner, prompts, spec, warm: int = 4):
-    """One TriForce generation; returns (ms per step after `warm` steps, steps, timing)."""
+def _run_triforce(runner, prompts, spec, warm: int = 4, around=None):
+    """One TriForce generation; returns (ms per step after `warm` steps, steps, timing).
+    around: a context manager entered for the timed steps only (a profiler)."""
     batch = len(prompts)
     params = SamplingParams(max_tokens=48, temperature=0)
     states = [RequestState(params, set(), _NoText()) for _ in range(batch)]
@@ -99,9 +101,10 @@ def _run_triforce(runner, prompts, spec, warm: int = 4):
         next(steps)
     sync()
     start, n = time.perf_counter(), 0
-    for _ in steps:
-        n += 1
-    sync()
+    with around or contextlib.nullcontext():
+        for _ in steps:
+            n += 1
+        sync()
     return (time.perf_counter() - start) * 1e3 / max(1, n), n, timing
 
 
@@ -137,13 +140,12 @@ def triforce(runner: ModelRunner, prompts: list[list[int]]) -> None:
     for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {name}: {seconds * 1e3 / (n + 1):.2f} ms/step")
     profile = cProfile.Profile()
-    profile.enable()
-    ms, n, _ = _run_triforce(runner, prompts, spec)
-    profile.disable()
+    ms, n, _ = _run_triforce(runner, prompts, spec, around=profile)
     print(f"cProfile run: {ms:.2f} ms/step")
     pstats.Stats(profile).sort_stats("tottime").print_stats(20)
-    with torch.profiler.profile(activities=[PROFILE.CUDA]) as prof:
-        ms, n, _ = _run_triforce(runner, prompts, spec)
+    prof = torch.profiler.profile(activities=[PROFILE.CUDA])
+    ms, n, _ = _run_triforce(runner, prompts, spec, around=prof)
+    print(f"kernels of {n} steps (CUDA total / steps = GPU time per step):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16))
 
 

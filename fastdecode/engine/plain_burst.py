@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.sampling import select_tokens
 from fastdecode.engine.spec_state import Contexts
 from fastdecode.spec.verify import Verdict
@@ -37,9 +38,9 @@ def plain_burst(
     total = min(PLAIN_BURST * PIPELINED_BURSTS, room, left)
     booker = PlainBooker(prompts, states, drafter, timing, lengths, last, active)
     t0 = time.perf_counter()
-    tokens = torch.tensor(last, device=device)
-    positions = torch.tensor(lengths, device=device)
-    moving = torch.tensor([not s.finished for s in states], device=device).long()
+    tokens = to_device(last, device, torch.long)
+    positions = to_device(lengths, device, torch.long)
+    moving = to_device([not s.finished for s in states], device, torch.long)
     launched, in_flight = 0, []
     while launched < total or in_flight:
         if launched < total and not all(s.finished for s in states):

@@ -91,6 +91,12 @@ class Contexts(Sequence[list[int]]):
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def last(self, row: int) -> int:
+        """The row's last token (the next tree's root), without copying its context."""
+        output = self.states[row].token_ids
+        end = len(output) if self.ends is None else self.ends[row]
+        return output[end - 1] if end > 0 else self.prompts[row][-1]
+
     def __getitem__(self, row: int) -> list[int]:  # type: ignore[override]
         output = self.states[row].token_ids
         if self.ends is not None:

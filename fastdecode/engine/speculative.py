@@ -32,6 +32,7 @@ import torch
 
 from fastdecode.engine.generate import _synchronize
 from fastdecode.engine.graphed import trash_slot
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.plain_burst import plain_burst
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.sampling import make_generator, select_tokens
@@ -134,15 +135,15 @@ def run_speculative(
 
         # -- verify: one target pass over every row's tree --------------------------------
         t0 = time.perf_counter()
-        lengths_t = torch.tensor(lengths, device=device)
+        lengths_t = to_device(lengths, device, torch.long)
         width = max(len(tree) for tree in trees)
         if width:
             tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
-                torch.tensor(last), lengths_t
+                to_device(last, device, torch.long), lengths_t
             )
             logits = verify_forward(tokens, positions, slots, mask)
         else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
-            logits = runner.decode(torch.tensor(last, device=device), lengths_t)[:, None]
+            logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
         verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
         _compact(cache, verdicts, lengths, device)
         _synchronize(device)
@@ -205,5 +206,5 @@ def _compact(cache, verdicts, lengths: list[int], device: torch.device) -> None:
                 src.append(lengths[b] + 1 + node)
                 dst.append(lengths[b] + j)
     if rows:
-        as_tensor = functools.partial(torch.tensor, device=device)
+        as_tensor = functools.partial(to_device, device=device, dtype=torch.long)
         cache.move(as_tensor(rows), as_tensor(src), as_tensor(dst))

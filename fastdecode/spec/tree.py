@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdecode.engine.host_copy import to_device
 from fastdecode.kv.tree_mask import TreeMask
 
 
@@ -124,12 +125,12 @@ class TreeBatch:
         batch, width = self.tokens.shape
         device = lengths.device
         zeros = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        tokens = torch.cat([last[:, None].to(device), self.tokens.to(device)], dim=1)
-        positions = lengths[:, None] + torch.cat([zeros, self.depth.to(device)], dim=1)
+        tokens = torch.cat([to_device(last, device)[:, None], to_device(self.tokens, device)], 1)
+        positions = lengths[:, None] + torch.cat([zeros, to_device(self.depth, device)], dim=1)
         slots = lengths[:, None] + torch.arange(1 + width, device=device)
         local = torch.zeros(batch, 1 + width, 1 + width, dtype=torch.bool, device=device)
         local[:, :, 0] = True  # every column sees the root
-        local[:, 1:, 1:] = self.mask.to(device)
+        local[:, 1:, 1:] = to_device(self.mask, device)
         return tokens, positions, slots, TreeMask(lengths, local)
 
 

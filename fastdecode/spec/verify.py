@@ -109,9 +109,9 @@ def verify_batch(
     """logits [B, T, V] of one verify step (column 0: root, column i + 1: node i; columns
     past a row's tree are padding) -> one Verdict per row. Rows with want_probs[b] also get
     the target's distributions at their emitted positions (Verdict.probs)."""
-    greedy_rows = [b for b, p in enumerate(params) if p.greedy]
-    argmax = logits[greedy_rows].argmax(-1).tolist() if greedy_rows else []
-    by_row = dict(zip(greedy_rows, argmax, strict=True))
+    # every row's argmax in one transfer (indexing the greedy rows first would copy a list
+    # of row numbers to the device: a stream sync before the read that follows anyway)
+    by_row = logits.argmax(-1).tolist() if any(p.greedy for p in params) else []
     verdicts = []
     for b, (tree, p, gen) in enumerate(zip(trees, params, generators, strict=True)):
         if p.greedy:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdecode.engine.graphed import GraphedForward, trash_slot
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
 from fastdecode.spec.tree import DraftTree
@@ -145,7 +146,7 @@ class DraftModelDrafter:
                 positions[b][: len(part)] = slots[b][: len(part)] = range(start, start + len(part))
                 self.length[b] += len(part)
                 self.pending[b] = self.pending[b][len(part) :]
-            ids = torch.tensor([tokens, positions, slots], device=device)
+            ids = to_device([tokens, positions, slots], device, torch.long)
             model.forward(
                 ids[0], ids[1], cache, slots=ids[2],
                 logit_index=torch.zeros(batch, dtype=torch.long, device=device),

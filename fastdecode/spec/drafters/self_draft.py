@@ -127,7 +127,7 @@ class SelfDrafter:
             self.shape.grower(room, p.greedy, gen) if room > 0 else None
             for room, p, gen in zip(rooms, self.params, self.generators, strict=True)
         ]
-        pending = [[contexts[b][-1]] if room > 0 else [] for b, room in enumerate(rooms)]
+        pending = [[contexts.last(b)] if room > 0 else [] for b, room in enumerate(rooms)]
         cache = self._forward.cache
         sparse = self.sparse_policy is not None
         if sparse:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdecode.engine.graphed import trash_slot
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.sampling import filtered_probs, make_generator
 from fastdecode.kv.tree_mask import TreeMask
 from fastdecode.params import SamplingParams
@@ -134,9 +135,9 @@ def _step_inputs(rows: list[list[Column]], trash: int, device):
                 seen[slot - start] = True
             local.append(seen)
         local.extend([pad_local] * pad)
-    ids = torch.tensor(ids, dtype=torch.long).to(device)  # [B, 3, W]: one transfer
+    ids = to_device(ids, device, torch.long)  # [B, 3, W]: one transfer
     local = torch.tensor(local, dtype=torch.bool).reshape(len(rows), width, block)
-    mask = TreeMask(torch.tensor(prefix), local).to(device)
+    mask = TreeMask(to_device(prefix, device, torch.long), to_device(local, device))
     return ids[:, 0], ids[:, 1], ids[:, 2], mask
 
 
@@ -162,11 +163,11 @@ def grow_greedy_chains(
     rooms = [0 if g is None else g.max_nodes for g in growers]
     if not any(rooms):
         return
-    positions = torch.tensor(
+    positions = to_device(
         [[r + k if k < room else trash for r, room in zip(roots, rooms, strict=True)]
          for k in range(1, max(rooms))],
-        dtype=torch.long,
-    ).to(first.device)  # fmt: skip
+        first.device, torch.long,
+    ).reshape(-1, len(roots))  # fmt: skip
     confidence, tokens = first.float().softmax(-1).max(-1)
     picked, confidences = [tokens], [confidence]
     for level_positions in positions:
@@ -206,7 +207,7 @@ def draft_trees(
     if decode is not None and greedy_chains_only(growers):
         columns = [max(0, len(p) - 1) for p in pending]
         first = logits[
-            torch.arange(len(pending), device=device), torch.tensor(columns, device=device)
+            torch.arange(len(pending), device=device), to_device(columns, device, torch.long)
         ]
         grow_greedy_chains(decode, first, roots, growers, trash)
         return [DraftTree.empty() if g is None else g.tree() for g in growers]
