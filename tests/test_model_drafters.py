@@ -289,6 +289,40 @@ def test_triforce_quest_greedy_equals_plain_batched(smollm2_llm, essays, sparse_
     assert alone.token_ids == plain[1].token_ids
 
 
+@pytest.mark.slow
+def test_triforce_device_cycle_drafts_and_accepts_what_the_generic_loop_does(
+    smollm2_llm, essays, monkeypatch
+):
+    """The one-pass device cycle (`fastdecode.spec.fused_chain`) against the generic
+    draft / verify / accept path on a ragged batch whose rows run out of room at different
+    steps (max_tokens 7, 12, 9 with K = 4): same tokens, same per-row acceptance."""
+    prompts = [essays[0][:400], essays[1][:260], essays[2][:330]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 12, 9)]
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=4,
+        drafter_kwargs={"policy": "streaming_read", "budget": 48},
+    )  # fmt: skip
+
+    def run():
+        states = smollm2_llm._new_states(params)
+        timing = SpecTiming()
+        drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
+        for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4):
+            pass
+        rows = [(r.emitted, r.steps, r.proposed, r.accepted) for r in timing.rows]
+        return [s.token_ids for s in states], rows, timing.fused_steps
+
+    tokens, rows, fused_steps = run()
+    assert fused_steps > 0
+    monkeypatch.setattr(SelfDrafter, "fused_cycle", lambda self, params: None)
+    generic_tokens, generic_rows, generic_fused = run()
+    assert generic_fused == 0
+    assert tokens == generic_tokens
+    assert rows == generic_rows
+    plain = smollm2_llm.generate(prompts, params)
+    assert tokens == [r.token_ids for r in plain]
+
+
 # -- the KV cache after speculation -----------------------------------------------------------
 
 

@@ -67,8 +67,12 @@ class SpecStats:
 
 @dataclass
 class SpecTiming(BatchTiming):
+    """fused_steps: steps whose draft ran inside the verify pass (one device-side greedy
+    cycle, `fastdecode.spec.fused_chain`): their whole time is in verify_s."""
+
     draft_s: float = 0.0
     verify_s: float = 0.0
+    fused_steps: int = 0
     rows: list[SpecStats] = field(default_factory=list)
 
 

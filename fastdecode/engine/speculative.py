@@ -41,7 +41,7 @@ from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
 from fastdecode.spec.tree import DraftTree, pad_trees
-from fastdecode.spec.verify import verify_batch
+from fastdecode.spec.verify import Verdict, verify_batch
 
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy
@@ -78,6 +78,10 @@ def run_speculative(
     verify_forward.prepare(batch, 1 + num_draft_tokens)
     generators = [make_generator(p, device) for p in params]
     timing.rows = [SpecStats() for _ in prompts]
+    # a drafter whose whole greedy cycle runs on the device (TriForce); the goodput rule
+    # needs draft and verify timed apart, so it keeps the generic path
+    fused = getattr(drafter, "fused_cycle", None)
+    fused = fused(params) if fused is not None and length_policy is None else None
 
     start = time.perf_counter()
     prefill_logits = runner.prefill(prompts)
@@ -119,34 +123,28 @@ def run_speculative(
             owed.flush()
             owed = None
         contexts = Contexts(prompts, states)
-        t0 = time.perf_counter()
-        trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
-        if trees is None:
-            trees = [DraftTree.empty() for _ in range(batch)]
-        elapsed = time.perf_counter() - t0
-        timing.draft_s += elapsed
-        levels = max(tree.max_depth for tree in trees)
-        if levels and hasattr(length_policy, "record_draft"):  # per level, backlog left out
-            backlog = getattr(drafter, "catch_up_s", 0.0)
-            length_policy.record_draft(batch, levels, max(0.0, elapsed - backlog))
-        drafting = [b for b in active if rooms[b] > 0]
-        for b in drafting:  # rows share the batched drafting time
-            timing.rows[b].draft_s += elapsed / len(drafting)
-
-        # -- verify: one target pass over every row's tree --------------------------------
-        t0 = time.perf_counter()
-        lengths_t = to_device(lengths, device, torch.long)
-        width = max(len(tree) for tree in trees)
-        if width:
-            tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
-                to_device(last, device, torch.long), lengths_t
-            )
-            logits = verify_forward(tokens, positions, slots, mask)
-        else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
-            logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
-        verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
-        _compact(cache, verdicts, lengths, device)
-        _synchronize(device)
+        if fused is not None and any(rooms):
+            # draft + verify + accept in one device pass (greedy chains): timed as verify
+            t0 = time.perf_counter()
+            trees, verdicts = _fused_step(fused, last, lengths, rooms)
+            width = max(len(tree) for tree in trees)
+            timing.fused_steps += 1
+        else:
+            trees = _draft(drafter, contexts, rooms, lengths, timing, length_policy, active)
+            # -- verify: one target pass over every row's tree ----------------------------
+            t0 = time.perf_counter()
+            lengths_t = to_device(lengths, device, torch.long)
+            width = max(len(tree) for tree in trees)
+            if width:
+                tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
+                    to_device(last, device, torch.long), lengths_t
+                )
+                logits = verify_forward(tokens, positions, slots, mask)
+            else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
+                logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
+            verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
+            _compact(cache, verdicts, lengths, device)
+            _synchronize(device)
         elapsed = time.perf_counter() - t0
         timing.verify_s += elapsed
 
@@ -183,6 +181,43 @@ def run_speculative(
         timing.rows[b].cache_length = lengths[b]
         state.finalize()
     timing.decode_s = time.perf_counter() - start - timing.prefill_s
+
+
+def _draft(
+    drafter: BatchDrafter,
+    contexts: Contexts,
+    rooms: list[int],
+    lengths: list[int],
+    timing: SpecTiming,
+    length_policy,
+    active: list[int],
+) -> list[DraftTree]:
+    """Every row's draft tree (empty where its room is 0), timed."""
+    t0 = time.perf_counter()
+    trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
+    if trees is None:
+        trees = [DraftTree.empty() for _ in rooms]
+    elapsed = time.perf_counter() - t0
+    timing.draft_s += elapsed
+    levels = max(tree.max_depth for tree in trees)
+    if levels and hasattr(length_policy, "record_draft"):  # per level, backlog left out
+        backlog = getattr(drafter, "catch_up_s", 0.0)
+        length_policy.record_draft(len(rooms), levels, max(0.0, elapsed - backlog))
+    drafting = [b for b in active if rooms[b] > 0]
+    for b in drafting:  # rows share the batched drafting time
+        timing.rows[b].draft_s += elapsed / len(drafting)
+    return trees
+
+
+def _fused_step(fused, last, lengths, rooms) -> tuple[list[DraftTree], list[Verdict]]:
+    """One device-side greedy cycle (fastdecode.spec.fused_chain) as trees + verdicts."""
+    chains, accepted, bonus = fused(last, lengths, rooms)
+    trees = [DraftTree.chain(chain) for chain in chains]
+    verdicts = [
+        Verdict(list(range(n)), chain[:n] + [token])
+        for chain, n, token in zip(chains, accepted, bonus, strict=True)
+    ]
+    return trees, verdicts
 
 
 def _plan(

@@ -14,6 +14,8 @@ and no resync exist. Skipped layers simply keep stale entries there until then.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +27,7 @@ from fastdecode.kv.policies import KVPolicyConfig
 from fastdecode.kv.step import StepContext
 from fastdecode.model.layers import decoder_layer
 from fastdecode.spec.drafters.tree_drafting import TreeShape, draft_generators, draft_trees
+from fastdecode.spec.fused_chain import FusedChainCycle
 from fastdecode.spec.tree import DraftTree
 
 SKIP_FRACTION = 0.35
@@ -60,6 +63,16 @@ def choose_skip(model, tokens: Sequence[int], fraction: float = SKIP_FRACTION) -
     scores = layer_redundancy(model, tokens)
     candidates = sorted(range(2, len(scores) - 2), key=lambda i: scores[i])
     return sorted(candidates[: int(fraction * len(scores))])
+
+
+@contextlib.contextmanager
+def _sparse_reads(cache):
+    """The draft's reads (the cache's sparse policy) for the block; the target reads all."""
+    cache.sparse_reads = True
+    try:
+        yield
+    finally:
+        cache.sparse_reads = False
 
 
 class SparseChainForward:
@@ -103,6 +116,7 @@ class SelfDrafter:
         self.sparse_policy = sparse_policy
         self.want_probs: list[bool] = []
         self._forward: GraphedForward | SparseChainForward | None = None
+        self._fused: FusedChainCycle | None = None
 
     def allocate(self, runner: ModelRunner, batch: int, needed: int, prompt_len: int):
         cache = runner.allocate(batch, needed, prompt_len, kv_policy=self.sparse_policy)
@@ -130,17 +144,27 @@ class SelfDrafter:
         pending = [[contexts.last(b)] if room > 0 else [] for b, room in enumerate(rooms)]
         cache = self._forward.cache
         sparse = self.sparse_policy is not None
-        if sparse:
-            cache.sparse_reads = True
-        try:
+        with _sparse_reads(cache) if sparse else contextlib.nullcontext():
             # a sparse chain's levels are plain decode steps: greedy ones grow on the device
             decode = self._forward.decode if sparse else None
             return draft_trees(
                 self._forward, cache, pending, list(lengths), growers, self.params, decode
             )
-        finally:
-            if sparse:
-                cache.sparse_reads = False
+
+    def fused_cycle(self, params) -> FusedChainCycle | None:
+        """TriForce's greedy chains as one device-side cycle (draft, verify, accept; see
+        `fastdecode.spec.fused_chain`) when every row is greedy and chains never stop early;
+        None: the generic loop (sampling, trees, a confidence threshold, layer skipping)."""
+        plain_chain = self.shape.kind == "chain" and self.shape.threshold <= 0
+        if self.sparse_policy is None or not plain_chain or not all(p.greedy for p in params):
+            return None
+        cache = self._forward.cache
+        if self._fused is None or self._fused.cache is not cache:
+            self._fused = FusedChainCycle(
+                self.runner.model, cache, enabled=self.runner.cuda_graphs,
+                draft_mode=functools.partial(_sparse_reads, cache),
+            )  # fmt: skip
+        return self._fused
 
     def accept(self, contexts, verdicts) -> None:
         """Nothing to sync: the verify step already wrote the accepted tokens' K/V."""
