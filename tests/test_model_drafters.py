@@ -314,7 +314,7 @@ def test_triforce_device_cycle_drafts_and_accepts_what_the_generic_loop_does(
 
     tokens, rows, fused_steps = run()
     assert fused_steps > 0
-    monkeypatch.setattr(SelfDrafter, "fused_cycle", lambda self, params: None)
+    monkeypatch.setattr(SelfDrafter, "fused_cycle", lambda self, params, depth: None)
     generic_tokens, generic_rows, generic_fused = run()
     assert generic_fused == 0
     assert tokens == generic_tokens

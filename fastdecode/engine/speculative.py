@@ -81,7 +81,8 @@ def run_speculative(
     # a drafter whose whole greedy cycle runs on the device (TriForce); the goodput rule
     # needs draft and verify timed apart, so it keeps the generic path
     fused = getattr(drafter, "fused_cycle", None)
-    fused = fused(params) if fused is not None and length_policy is None else None
+    use = fused is not None and length_policy is None and num_draft_tokens > 0
+    fused = fused(params, num_draft_tokens) if use else None
 
     start = time.perf_counter()
     prefill_logits = runner.prefill(prompts)

@@ -14,7 +14,8 @@ Same tokens as the generic path (`draft_trees` + `verify_greedy`): a chain node 
 step of the draft at slot = position, the verify step writes the root and the chain at the
 slots right after the row's prefix (accepted nodes are already in place: nothing to
 compact), and rows with less room pad with draft steps and verify columns at the trash slot
-that are never accepted. One graph per depth (the batch's largest room), captured lazily.
+that are never accepted. The depth is fixed (K): one graph, captured on the first cycle (a
+graph per depth would capture again as requests near their end, in the middle of decoding).
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ class FusedChainCycle(_CapturedGraphs):
     """Greedy chain self-speculation over one cache. `draft_mode()`: a context manager that
     switches the cache to the draft's reads (TriForce: sparse) around the draft steps."""
 
-    def __init__(self, model, cache, *, enabled: bool, draft_mode=contextlib.nullcontext):
+    def __init__(
+        self, model, cache, depth: int, *, enabled: bool, draft_mode=contextlib.nullcontext
+    ) -> None:
         super().__init__(model, cache, enabled and getattr(cache, "graph_safe", False))
+        self.depth = depth
         self.draft_mode = draft_mode
         self.trash = trash_slot(cache)
 
@@ -46,7 +50,7 @@ class FusedChainCycle(_CapturedGraphs):
         """last: each row's root token (at slot lengths[b]); rooms: chain nodes each row may
         draft (0: the row only gets the target's next token). Returns per row the chain
         (rooms[b] tokens), the number accepted and the target's token after them."""
-        depth = max(rooms)
+        depth = self.depth
         device = self.model.device
         inputs = to_device([last, lengths, rooms], device, torch.long)
         captured = None

@@ -151,7 +151,7 @@ class SelfDrafter:
                 self._forward, cache, pending, list(lengths), growers, self.params, decode
             )
 
-    def fused_cycle(self, params) -> FusedChainCycle | None:
+    def fused_cycle(self, params, depth: int) -> FusedChainCycle | None:
         """TriForce's greedy chains as one device-side cycle (draft, verify, accept; see
         `fastdecode.spec.fused_chain`) when every row is greedy and chains never stop early;
         None: the generic loop (sampling, trees, a confidence threshold, layer skipping)."""
@@ -159,9 +159,9 @@ class SelfDrafter:
         if self.sparse_policy is None or not plain_chain or not all(p.greedy for p in params):
             return None
         cache = self._forward.cache
-        if self._fused is None or self._fused.cache is not cache:
+        if self._fused is None or self._fused.cache is not cache or self._fused.depth != depth:
             self._fused = FusedChainCycle(
-                self.runner.model, cache, enabled=self.runner.cuda_graphs,
+                self.runner.model, cache, depth, enabled=self.runner.cuda_graphs,
                 draft_mode=functools.partial(_sparse_reads, cache),
             )  # fmt: skip
         return self._fused
