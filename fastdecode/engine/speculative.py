@@ -124,8 +124,10 @@ def run_speculative(
             owed.flush()
             owed = None
         contexts = Contexts(prompts, states)
-        if fused is not None and any(rooms):
-            # draft + verify + accept in one device pass (greedy chains): timed as verify
+        if fused is not None:
+            # draft + verify + accept in one device pass (greedy chains), timed as verify;
+            # also when no row has room (the last token): its graph is already captured,
+            # while a plain step would capture one in the middle of decoding
             t0 = time.perf_counter()
             trees, verdicts = _fused_step(fused, last, lengths, rooms)
             width = max(len(tree) for tree in trees)
