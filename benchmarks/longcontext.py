@@ -7,8 +7,9 @@ output step including each policy's selection work, decode tok/s, speedup over f
 attention, KV bytes held (the cache's own accounting, and the allocator's growth while the
 cache was built), peak memory during decoding, and the largest batch that fits at L from the
 measured bytes per row. `triforce` rows are lossless sparse self-speculation (the target
-drafts through a sparse read of its own cache, verifies with the full one): they report tau
-and whether the output equals full attention's.
+drafts through a sparse read of its own cache, verifies with the full one, K = --draft-tokens
+drafts a step): they report tau (mean, lowest and median over the rows), the batch's steps
+against ceil(new_tokens / mean tau), and whether the output equals full attention's.
 
     python benchmarks/longcontext.py --out benchmarks/results                 # GPU
     python benchmarks/longcontext.py --model smollm2-135m-instruct --contexts 1024 \\
@@ -21,6 +22,8 @@ is rewritten after every row.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,7 +90,7 @@ def _memory() -> tuple[int, int]:
     return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
 
 
-def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs) -> dict:
+def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs, draft_tokens=4) -> dict:
     policy_name, budget, triforce = METHODS[method]
     kv_policy = None
     if policy_name is not None:
@@ -104,10 +107,10 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs) -> dict
         timing = BatchTiming()
         steps = run_batch(runner, prompts, states, timing, check_every=1)
     else:
-        spec = SpeculativeConfig("triforce", num_draft_tokens=4, drafter_kwargs=triforce)
+        spec = SpeculativeConfig("triforce", num_draft_tokens=draft_tokens, drafter_kwargs=triforce)
         drafter = spec.batch_drafter(runner, tokenizer, len(prompts))
         timing = SpecTiming()
-        steps = run_speculative(runner, prompts, states, timing, drafter, 4)
+        steps = run_speculative(runner, prompts, states, timing, drafter, draft_tokens)
     next(steps)  # prefill done: the cache holds the (compressed) prompt
     sync()
     kv_alloc, prefill_peak = _memory()
@@ -135,8 +138,16 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs) -> dict
         "decode_peak_bytes": decode_peak,
     }
     if isinstance(timing, SpecTiming):
+        # A static batch steps until its slowest row is done (finished rows ride along), so
+        # the step count follows the lowest tau, not the mean.
         taus = [r.tau for r in timing.rows]
-        row["tau"] = round(sum(taus) / len(taus), 3)
+        mean_tau = sum(taus) / len(taus)
+        row["draft_tokens"] = draft_tokens
+        row["tau"] = round(mean_tau, 3)
+        row["tau_min"] = round(min(taus), 3)
+        row["tau_median"] = round(statistics.median(taus), 3)
+        row["steps"] = timing.steps  # from the start: the prefill's step + every verify step
+        row["ideal_steps"] = math.ceil(new_tokens / mean_tau) if mean_tau else None
     outputs = [s.token_ids for s in states]
     if full_outputs is not None:
         same = sum(a == b for a, b in zip(outputs, full_outputs, strict=True))
@@ -171,7 +182,8 @@ def hf_row(model_name, prompts, new_tokens) -> dict:
 COLUMNS = [
     "context", "batch", "method", "ms_per_output_step", "decode_tokens_per_s",
     "speedup_vs_full", "ttft_ms", "kv_MiB", "kv_ratio_vs_full", "decode_peak_GiB",
-    "max_batch_estimate", "tau", "identical_to_full_fraction",
+    "max_batch_estimate", "tau", "tau_min", "tau_median", "steps", "ideal_steps",
+    "identical_to_full_fraction",
 ]  # fmt: skip
 
 
@@ -181,7 +193,12 @@ def write_report(rows: list[dict], args) -> None:
         f"{args.new_tokens} greedy tokens per row after an L-token prompt; ms_per_output_step "
         "includes each policy's selection work (triforce: per emitted step of the batch); "
         "kv_MiB: the cache's bytes; decode_peak_GiB: allocator peak while decoding; "
-        "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card.",
+        "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card. "
+        f"triforce (K = {args.draft_tokens} drafts a step): tau is the mean over rows of tokens "
+        "per verify step, tau_min / tau_median its lowest / median row; the batch is static, "
+        "so it steps until its slowest row is done (finished rows ride along): steps (the "
+        "batch's, the prefill's included) follows tau_min, against ideal_steps = "
+        "ceil(new_tokens / mean tau).",
         details=(args.model,),
     )  # fmt: skip
 
@@ -195,6 +212,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument(
+        "--draft-tokens", type=int, default=4, help="triforce methods: draft tokens (K) a step"
+    )
     p.add_argument("--essays", type=Path, default=ESSAYS)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-batch", type=int, default=1)
@@ -219,6 +239,7 @@ def main() -> None:
                     result, outputs = run_one(
                         model, tokenizer, prompts, args.new_tokens, method,
                         None if method == "full" else (full or {}).get("outputs"),
+                        args.draft_tokens,
                     )  # fmt: skip
                 except Exception as exc:  # OOM or a policy's limit: recorded, run goes on
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -249,7 +270,8 @@ def main() -> None:
                 log(
                     f"L={context} B={batch} {method}: {row['ms_per_output_step']} ms/step "
                     f"x{row.get('speedup_vs_full')} kv {row.get('kv_MiB')} MiB "
-                    f"tau {row.get('tau')} same {row.get('identical_to_full_fraction')}"
+                    f"tau {row.get('tau')} (min {row.get('tau_min')}) steps {row.get('steps')}"
+                    f"/{row.get('ideal_steps')} same {row.get('identical_to_full_fraction')}"
                 )
         if CUDA and not args.no_hf:
             row = {"context": context, "batch": args.hf_batch, "method": "hf_generate"}

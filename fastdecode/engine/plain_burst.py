@@ -10,7 +10,7 @@ import torch
 
 from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.sampling import select_tokens
-from fastdecode.engine.spec_state import Contexts
+from fastdecode.engine.spec_state import Contexts, ride_lengths
 from fastdecode.spec.verify import Verdict
 
 PLAIN_BURST = 8  # plain steps between two looks at the host when speculation is off
@@ -39,7 +39,7 @@ def plain_burst(
     booker = PlainBooker(prompts, states, drafter, timing, lengths, last, active)
     t0 = time.perf_counter()
     tokens = to_device(last, device, torch.long)
-    positions = to_device(lengths, device, torch.long)
+    positions = to_device(ride_lengths(runner.cache, states, lengths), device, torch.long)
     moving = to_device([not s.finished for s in states], device, torch.long)
     launched, in_flight = 0, []
     while launched < total or in_flight:

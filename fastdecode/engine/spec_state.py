@@ -106,3 +106,12 @@ class Contexts(Sequence[list[int]]):
         if self.ends is not None:
             output = output[: self.ends[row]]
         return self.prompts[row] + output
+
+
+def ride_lengths(cache, states: Sequence[RequestState], lengths: list[int]) -> list[int]:
+    """The lengths a batched step runs the rows at: a finished row rides at slot 0 where the
+    cache allows it (`finished_rows_scratch`), so its attention reads one slot, not its whole
+    context -- at long context the rows still decoding then pay for themselves only."""
+    if not getattr(cache, "finished_rows_scratch", False):
+        return lengths
+    return [0 if state.finished else n for state, n in zip(states, lengths, strict=True)]

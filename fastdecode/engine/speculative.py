@@ -36,7 +36,7 @@ from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.plain_burst import plain_burst
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.sampling import make_generator, select_tokens
-from fastdecode.engine.spec_state import Contexts, SpecStats, SpecTiming
+from fastdecode.engine.spec_state import Contexts, SpecStats, SpecTiming, ride_lengths
 from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
@@ -97,6 +97,7 @@ def run_speculative(
     yield
 
     owed = None  # drafter updates of the last plain burst, handed over when next useful
+    riding = functools.partial(ride_lengths, cache, states)
     while not all(s.finished for s in states):
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
@@ -129,14 +130,14 @@ def run_speculative(
             # also when no row has room (the last token): its graph is already captured,
             # while a plain step would capture one in the middle of decoding
             t0 = time.perf_counter()
-            trees, verdicts = _fused_step(fused, last, lengths, rooms)
+            trees, verdicts = _fused_step(fused, last, riding(lengths), rooms)
             width = max(len(tree) for tree in trees)
             timing.fused_steps += 1
         else:
             trees = _draft(drafter, contexts, rooms, lengths, timing, length_policy, active)
             # -- verify: one target pass over every row's tree ----------------------------
             t0 = time.perf_counter()
-            lengths_t = to_device(lengths, device, torch.long)
+            lengths_t = to_device(riding(lengths), device, torch.long)
             width = max(len(tree) for tree in trees)
             if width:
                 tokens, positions, slots, mask = pad_trees(trees).verify_inputs(

@@ -23,6 +23,10 @@ class KVCache:
     graph_safe = True
     # A multi-token step may read through the tree-verify kernel (`StepContext.tree`).
     tree_reads = True
+    # A finished request's slots may be overwritten: a batch loop runs such a row at slot 0,
+    # where its attention reads one slot instead of its whole context (a static batch runs
+    # until its slowest row is done; finished rows ride along in every step).
+    finished_rows_scratch = True
 
     def __init__(
         self,
