@@ -126,6 +126,28 @@ def test_tiny_batched_equals_single_with_mixed_params(tiny_llm):
     assert [r.token_ids for r in split] == [r.token_ids for r in alone]
 
 
+def test_finished_rows_ride_at_slot_zero(tiny_llm, monkeypatch):
+    """A row that finished decodes at slot 0 from the next check on (its attention reads one
+    slot, not its context), and the rows still decoding are unaffected."""
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 15)]
+    prompts = TINY_PROMPTS[:2]
+    alone = [tiny_llm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    seen = []
+    decode = type(tiny_llm.runner).decode
+
+    def spy(runner, tokens, positions):
+        seen.append(positions.tolist())
+        return decode(runner, tokens, positions)
+
+    monkeypatch.setattr(type(tiny_llm.runner), "decode", spy)
+    batched = tiny_llm.generate(prompts, params)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    short = len(tiny_llm.encode(TINY_PROMPTS[0]))
+    assert [row[0] for row in seen[:2]] == [short, short + 1]  # decoding
+    assert all(row[0] == 0 for row in seen[2:])  # finished: at slot 0 from then on
+    assert len(seen) == 14
+
+
 # -- seeded sampling -------------------------------------------------------------------------
 
 

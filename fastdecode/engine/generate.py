@@ -3,7 +3,8 @@
 Tokens stay on the device between steps; the host looks at them only every `check_every`
 steps (stop conditions, streaming), so the GPU is never idle waiting for Python.
 Rows that finished keep riding along until the batch ends (static batching; the serving
-scheduler replaces this with continuous batching).
+scheduler replaces this with continuous batching) -- at slot 0 where the cache allows it, so
+that their attention stops reading their whole context.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.sampling import make_generator, select_tokens
 from fastdecode.engine.stopping import RequestState
@@ -53,6 +55,8 @@ def run_batch(
     history = torch.empty(len(prompts), max_new, dtype=torch.long, device=device)
     history[:, 0] = tokens
     step, checked = 1, 0
+    scratch = getattr(runner.cache, "finished_rows_scratch", False)
+    advance: torch.Tensor | int = 1  # per row once some finished: 0 for those (at slot 0)
     while True:
         if checked == 0 or step - checked >= check_every or step == max_new:
             new_tokens = history[:, checked:step].tolist()  # the only host sync
@@ -70,9 +74,13 @@ def run_batch(
             yield
             if step == max_new or all(s.finished for s in states):
                 break
+            if scratch and any(s.finished for s in states):
+                alive = to_device([not s.finished for s in states], device, torch.long)
+                positions = positions * alive
+                advance = alive
         logits = runner.decode(tokens, positions)
         tokens = select_tokens(logits, params, generators)
-        positions += 1
+        positions += advance
         history[:, step] = tokens
         step += 1
     for state in states:
