@@ -273,6 +273,7 @@ class LLM:
                 acceptance_per_position=stats.acceptance,
                 draft_s=stats.draft_s,
                 verify_s=stats.verify_s,
+                fused_steps=timing.fused_steps,  # drafted inside verify_s (one device pass)
             )
         text_prompt = prompt if isinstance(prompt, str) else None
         return GenerationResult(

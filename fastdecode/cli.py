@@ -229,7 +229,9 @@ def _format_stats(result) -> str:
         if m.get("acceptance_per_position"):
             spec += f", acc {_acceptance(m['acceptance_per_position'])}"
         spec += " | "
-        if "draft_s" in m or "verify_s" in m:
+        if m.get("fused_steps"):  # TriForce's greedy cycle: draft and verify in one graph
+            spec += f"draft + verify {_seconds(m.get('verify_s', 0.0))} (one device pass) | "
+        elif "draft_s" in m or "verify_s" in m:
             spec += (
                 f"draft {_seconds(m.get('draft_s', 0.0))}, "
                 f"verify {_seconds(m.get('verify_s', 0.0))} | "

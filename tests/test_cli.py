@@ -548,6 +548,9 @@ def test_stats_line_speculative() -> None:
     none = dict(metrics, acceptance_per_position=[])  # K = 0 throughout: no drafts
     line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", none))
     assert "accepted 5/12 drafts | draft 42 ms" in line and "acc " not in line
+    fused = dict(metrics, fused_steps=4)  # TriForce's one-graph cycle: no separate draft time
+    line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", fused))
+    assert "| draft + verify 1.25 s (one device pass) |" in line and "draft 42 ms" not in line
 
 
 @pytest.mark.slow
