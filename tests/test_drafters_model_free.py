@@ -370,3 +370,48 @@ def test_stand_speculative_sampling_reproduces_target_distribution(two_step_targ
         critical = chi_square_critical(df, STAND_ALPHA)
         assert stat <= critical, f"stand, {name}: chi-square {stat:.1f} > {critical:.1f}"
     assert counts.flatten()[joint.flatten() == 0].sum() == 0
+
+
+def test_context_view_reads_like_the_concatenated_list():
+    """Drafters read each row's context through a view (no copy of a long prompt per step):
+    indexing, slicing and iteration agree with prompt + output[:end]."""
+    import random
+
+    from fastdecode.engine.spec_state import ContextView
+
+    rng = random.Random(0)
+    prompt, output = [rng.randrange(50) for _ in range(37)], [rng.randrange(50) for _ in range(9)]
+    for end in (0, 1, 9):
+        view, full = ContextView(prompt, output, end), prompt + output[:end]
+        assert len(view) == len(full) and list(view) == full
+        for i in range(-len(full), len(full)):
+            assert view[i] == full[i]
+        for _ in range(300):
+            a, b = rng.randrange(-60, 60), rng.randrange(-60, 60)
+            assert view[a:b] == full[a:b] and view[a:] == full[a:] and view[:b] == full[:b]
+        assert view[::3] == full[::3]
+        with pytest.raises(IndexError):
+            view[len(full)]
+
+
+def test_ngram_incremental_array_proposes_what_a_fresh_drafter_does():
+    """Over the engine's context views the n-gram drafter converts only the tokens added
+    since its last call; another request's lists (or a plain list) start over."""
+    import random
+
+    from fastdecode.engine.spec_state import ContextView
+    from fastdecode.spec.drafters.ngram import NgramDrafter
+
+    rng = random.Random(1)
+    prompt, output = [rng.randrange(6) for _ in range(40)], []
+    kept = NgramDrafter()
+    for step in range(60):
+        view = ContextView(prompt, output, len(output))
+        for max_nodes in (1, 5):
+            fresh = NgramDrafter().propose(list(view), max_nodes)
+            assert kept.propose(view, max_nodes).tokens == fresh.tokens, step
+        output.extend(rng.randrange(6) for _ in range(rng.randrange(0, 4)))
+        if step == 30:  # another request: new lists, a longer context, no reset
+            prompt, output = [rng.randrange(6) for _ in range(len(prompt) + 50)], []
+        if step == 45:
+            assert kept.propose(list(view), 5).tokens == NgramDrafter().propose(view, 5).tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -101,11 +102,48 @@ class Contexts(Sequence[list[int]]):
         end = len(output) if self.ends is None else self.ends[row]
         return output[end - 1] if end > 0 else self.prompts[row][-1]
 
-    def __getitem__(self, row: int) -> list[int]:  # type: ignore[override]
+    def __getitem__(self, row: int) -> ContextView:  # type: ignore[override]
         output = self.states[row].token_ids
-        if self.ends is not None:
-            output = output[: self.ends[row]]
-        return self.prompts[row] + output
+        end = len(output) if self.ends is None else self.ends[row]
+        return ContextView(self.prompts[row], output, end)
+
+
+class ContextView(Sequence[int]):
+    """prompt + output[:end] without copying either: a drafter reads a few tokens of it per
+    step (its tail, the tokens added since its last look), and a 32K-token prompt copied for
+    every row on every step cost milliseconds. Slices return lists."""
+
+    __slots__ = ("prompt", "output", "end")
+
+    def __init__(self, prompt: list[int], output: list[int], end: int) -> None:
+        self.prompt = prompt
+        self.output = output
+        self.end = end
+
+    def __len__(self) -> int:
+        return len(self.prompt) + self.end
+
+    def __iter__(self):
+        return itertools.chain(self.prompt, itertools.islice(self.output, self.end))
+
+    def __getitem__(self, index):  # type: ignore[override]
+        split = len(self.prompt)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return list(self)[index]
+            if stop <= start:
+                return []
+            if start >= split:
+                return self.output[start - split : stop - split]
+            if stop <= split:
+                return self.prompt[start:stop]
+            return self.prompt[start:] + self.output[: stop - split]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"context index {index} out of range ({len(self)} tokens)")
+        return self.prompt[index] if index < split else self.output[index - split]
 
 
 def ride_lengths(cache, states: Sequence[RequestState], lengths: list[int]) -> list[int]:

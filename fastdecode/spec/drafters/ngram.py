@@ -23,11 +23,12 @@ class NgramDrafter:
             )
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.reset()
 
     def propose(self, context: list[int], max_nodes: int) -> DraftTree:
         if max_nodes <= 0 or len(context) < self.min_ngram + 1:
             return DraftTree.empty()
-        tokens = np.asarray(context, dtype=np.int64)
+        tokens = self._tokens(context)
         length = len(tokens)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             # windows starting at 0 .. length - n - 1: each has at least one token after it
@@ -42,8 +43,30 @@ class NgramDrafter:
             return DraftTree.chain(context[begin : begin + max_nodes])
         return DraftTree.empty()
 
+    def _tokens(self, context) -> np.ndarray:
+        """The context as an array. The engine hands a view over the request's own prompt and
+        output lists (`ContextView`), which only grow: then only the tokens added since the
+        last call are converted (a long prompt converted on every step cost as much as the
+        rest of the step). Anything else is converted whole."""
+        parts = (getattr(context, "prompt", None), getattr(context, "output", None))
+        length = len(context)
+        if parts[0] is None:
+            return np.asarray(list(context), dtype=np.int64)
+        if parts[0] is not self._parts[0] or parts[1] is not self._parts[1] or length < self._have:
+            self._array = np.asarray(list(context), dtype=np.int64)
+        elif length > self._have:
+            if length > len(self._array):
+                grown = np.empty(max(length, 2 * len(self._array)), dtype=np.int64)
+                grown[: self._have] = self._array[: self._have]
+                self._array = grown
+            self._array[self._have : length] = context[self._have : length]
+        self._parts, self._have = parts, length
+        return self._array[:length]
+
     def update(self, accepted: list[int]) -> None:
         pass
 
     def reset(self) -> None:
-        pass
+        self._array = np.empty(0, dtype=np.int64)
+        self._have = 0
+        self._parts: tuple = (None, None)  # the prompt and output lists the array mirrors
