@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's quick checks, on random weights (no checkpoint transfer), results under
 # ${OUT:-/tmp/out}: the Triton kernels' tests against their PyTorch references, the kernel
-# micro-benchmarks (tree-verify vs decode, gathered + its launch-config sweep) and the sparse decode / TriForce
-# profiles with their warnings (a failed CUDA-graph capture warns, then runs eagerly).
+# micro-benchmarks (tree-verify vs decode, gathered + its launch-config sweep) and the sparse
+# decode / TriForce profiles with their warnings (a failed CUDA-graph capture warns, then runs
+# eagerly).
 #   bash benchmarks/gpu_checks.sh            # from the repository root, on the GPU machine
 set -uo pipefail
 out=${OUT:-/tmp/out}
