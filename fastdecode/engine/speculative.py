@@ -74,15 +74,16 @@ def run_speculative(
     needed = longest + max_new + num_draft_tokens + 2
     allocate = getattr(drafter, "allocate", None)
     cache = allocate(runner, batch, needed, longest) if allocate else runner.allocate(batch, needed)
-    verify_forward = runner.multi_forward()
-    verify_forward.prepare(batch, 1 + num_draft_tokens)
-    generators = [make_generator(p, device) for p in params]
-    timing.rows = [SpecStats() for _ in prompts]
     # a drafter whose whole greedy cycle runs on the device (TriForce); the goodput rule
     # needs draft and verify timed apart, so it keeps the generic path
     fused = getattr(drafter, "fused_cycle", None)
     use = fused is not None and length_policy is None and num_draft_tokens > 0
     fused = fused(params, num_draft_tokens) if use else None
+    verify_forward = runner.multi_forward()
+    if fused is None:  # the fused cycle captures its own graph
+        verify_forward.prepare(batch, 1 + num_draft_tokens)
+    generators = [make_generator(p, device) for p in params]
+    timing.rows = [SpecStats() for _ in prompts]
 
     start = time.perf_counter()
     prefill_logits = runner.prefill(prompts)
