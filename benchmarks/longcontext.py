@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[str | None, float, dict | None]] = {
     "quant2": ("quant", 1.0, None),
     "triforce_streaming": (None, 1.0, {"policy": "streaming_read", "budget": 1 / 16}),
     "triforce_quest": (None, 1.0, {"policy": "quest", "budget": 1 / 16}),
+    # MagicDec drafts through a fixed small window whatever the context: cheaper draft steps
+    "triforce_window512": (None, 1.0, {"policy": "streaming_read", "budget": 512}),
 }
 
 
