@@ -43,6 +43,7 @@ from fastdecode.engine.stopping import RequestState  # noqa: E402
 from fastdecode.kv.policies import KVPolicyConfig  # noqa: E402
 from fastdecode.params import SamplingParams  # noqa: E402
 from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
+from fastdecode.spec.length import GoodputLength  # noqa: E402
 
 ESSAYS = ROOT.parent / "shared" / "data" / "paulgraham"
 CUDA = torch.cuda.is_available()
@@ -107,7 +108,9 @@ def _full_batch_rate(steps, states, start: float, emitted: int) -> float | None:
     return round(tokens / seconds, 1) if seconds else None
 
 
-def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs, draft_tokens=4) -> dict:
+def run_one(
+    model, tokenizer, prompts, new_tokens, method, full_outputs, draft_tokens=4, goodput=False
+) -> dict:
     policy_name, budget, triforce = METHODS[method]
     kv_policy = None
     if policy_name is not None:
@@ -127,14 +130,17 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs, draft_t
         spec = SpeculativeConfig("triforce", num_draft_tokens=draft_tokens, drafter_kwargs=triforce)
         drafter = spec.batch_drafter(runner, tokenizer, len(prompts))
         timing = SpecTiming()
-        steps = run_speculative(runner, prompts, states, timing, drafter, draft_tokens)
+        policy = GoodputLength() if goodput else None  # K or 0 per step, from measured costs
+        steps = run_speculative(runner, prompts, states, timing, drafter, draft_tokens, policy)
     next(steps)  # prefill done: the cache holds the (compressed) prompt
     sync()
     kv_alloc, prefill_peak = _memory()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     # The first steps capture CUDA graphs (and compile new shapes): time from WARM_STEPS on.
-    for _ in range(WARM_STEPS):
+    # (With the goodput rule a step may be a burst of plain tokens: warm one step only; its
+    # first cycle and its plain step are captured by then.)
+    for _ in range(1 if goodput else WARM_STEPS):
         next(steps, None)
     sync()
     t0, emitted0 = time.perf_counter(), sum(len(s.token_ids) for s in states)
@@ -143,6 +149,8 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs, draft_t
     decode_s = time.perf_counter() - t0
     _, decode_peak = _memory()
     emitted = sum(len(s.token_ids) for s in states) - emitted0
+    if not emitted:
+        raise ValueError("no tokens left to time after the warm-up steps: raise --new-tokens")
     row = {
         "ttft_ms": round(timing.prefill_s * 1e3, 1),
         "decode_s": round(decode_s, 4),
@@ -160,6 +168,7 @@ def run_one(model, tokenizer, prompts, new_tokens, method, full_outputs, draft_t
         taus = [r.tau for r in timing.rows]
         mean_tau = sum(taus) / len(taus)
         row["draft_tokens"] = draft_tokens
+        row["goodput_rule"] = goodput
         row["tau"] = round(mean_tau, 3)
         row["tau_min"] = round(min(taus), 3)
         row["tau_median"] = round(statistics.median(taus), 3)
@@ -211,7 +220,9 @@ def write_report(rows: list[dict], args) -> None:
         "includes each policy's selection work (triforce: per emitted step of the batch); "
         "kv_MiB: the cache's bytes; decode_peak_GiB: allocator peak while decoding; "
         "max_batch_estimate: rows of this method's KV (plus the weights) that fit the card. "
-        f"triforce (K = {args.draft_tokens} drafts a step): tau is the mean over rows of tokens "
+        f"triforce (K = {args.draft_tokens} drafts a step"
+        f"{'; the goodput rule picks K or 0 every step' if args.goodput else ''}): "
+        "tau is the mean over rows of tokens "
         "per verify step, tau_min / tau_median its lowest / median row; the batch is static, "
         "so it steps until its slowest row is done (finished rows ride along): steps (the "
         "batch's, the prefill's included) follows tau_min, against ideal_steps = "
@@ -234,6 +245,10 @@ def main() -> None:
     p.add_argument(
         "--draft-tokens", type=int, default=4, help="triforce methods: draft tokens (K) a step"
     )
+    p.add_argument(
+        "--goodput", action="store_true",
+        help="triforce methods: the batch-aware rule picks K or 0 (plain steps) every step",
+    )  # fmt: skip
     p.add_argument("--essays", type=Path, default=ESSAYS)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--hf-batch", type=int, default=1)
@@ -258,7 +273,7 @@ def main() -> None:
                     result, outputs = run_one(
                         model, tokenizer, prompts, args.new_tokens, method,
                         None if method == "full" else (full or {}).get("outputs"),
-                        args.draft_tokens,
+                        args.draft_tokens, args.goodput,
                     )  # fmt: skip
                 except Exception as exc:  # OOM or a policy's limit: recorded, run goes on
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"

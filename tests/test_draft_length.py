@@ -203,6 +203,20 @@ def test_goodput_works_from_step_one_and_counts_draft_time():
     assert policy.plan([], [], max_k=4) == {}
 
 
+def test_goodput_chooses_among_the_candidates_a_step_can_run():
+    """TriForce's one-graph cycle has one depth: the rule weighs K = depth against K = 0
+    only (a shorter K would cost the same cycle and emit less)."""
+    policy = GoodputLength(StepCostModel(table=BATCH1))
+    stats = [geometric_stats(0.8, k=6, steps=50)]
+    assert policy.plan([0], stats, max_k=6, batch=1, candidates=(0, 6)) == {0: 6}
+    assert set(policy.last_goodput) == {0, 6}
+    # a cycle measured at 5 plain steps loses to plain decoding at this acceptance
+    slow = GoodputLength(StepCostModel())
+    slow.record_plain(1, 0.008)
+    slow.record_verify(1, 7, 0.040)
+    assert slow.plan([0], stats, max_k=6, batch=1, candidates=(0, 6)) == {0: 0}
+
+
 def test_make_length_policy():
     assert isinstance(make_length_policy("fixed", k=3), FixedLength)
     assert isinstance(make_length_policy("feedback", initial=2), FeedbackLength)

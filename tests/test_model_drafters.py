@@ -323,6 +323,33 @@ def test_triforce_device_cycle_drafts_and_accepts_what_the_generic_loop_does(
     assert tokens == [r.token_ids for r in plain]
 
 
+@pytest.mark.slow
+def test_triforce_with_the_goodput_rule_runs_its_cycle_or_plain_bursts(smollm2_llm, essays):
+    """With the batch-aware rule TriForce's one-graph cycle runs at its depth or not at all
+    (plain bursts when the measured cycle loses: on a CPU it always does, once measured):
+    both kinds of step happen, and the text is plain greedy's."""
+    from fastdecode.spec.length import GoodputLength
+
+    prompts = [essays[0][:300], essays[1][:200]]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=4,
+        drafter_kwargs={"policy": "streaming_read", "budget": 32},
+    )  # fmt: skip
+    states = smollm2_llm._new_states([params, params])
+    timing = SpecTiming()
+    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
+    policy = GoodputLength()
+    steps = run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4, policy)
+    for _ in steps:
+        pass
+    assert timing.fused_steps > 0
+    assert sum(r.steps for r in timing.rows) > 2 * timing.fused_steps  # plain steps too
+    assert set(policy.last_goodput) == {0, 4}
+    plain = smollm2_llm.generate(prompts, params)
+    assert [s.token_ids for s in states] == [r.token_ids for r in plain]
+
+
 # -- the KV cache after speculation -----------------------------------------------------------
 
 

@@ -74,10 +74,12 @@ def run_speculative(
     needed = longest + max_new + num_draft_tokens + 2
     allocate = getattr(drafter, "allocate", None)
     cache = allocate(runner, batch, needed, longest) if allocate else runner.allocate(batch, needed)
-    # a drafter whose whole greedy cycle runs on the device (TriForce); the goodput rule
-    # needs draft and verify timed apart, so it keeps the generic path
+    # a drafter whose whole greedy cycle runs on the device (TriForce): fixed depth K, so a
+    # length policy may only choose between K and 0 (the batch-aware rule can; per-row
+    # policies keep the generic path)
     fused = getattr(drafter, "fused_cycle", None)
-    use = fused is not None and length_policy is None and num_draft_tokens > 0
+    batch_rule = length_policy is None or hasattr(length_policy, "choose_k")
+    use = fused is not None and batch_rule and num_draft_tokens > 0
     fused = fused(params, num_draft_tokens) if use else None
     verify_forward = runner.multi_forward()
     if fused is None:  # the fused cycle captures its own graph
@@ -94,6 +96,8 @@ def run_speculative(
     for state, token in zip(states, first, strict=True):
         state.add(token)
     drafter.begin(prompts, params, generators, first, prefill_logits)
+    if fused is not None and length_policy is not None:
+        _time_plain_step(runner, cache, first, length_policy)
     timing.steps = 1
     yield
 
@@ -102,7 +106,7 @@ def run_speculative(
     while not all(s.finished for s in states):
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
-        budget = _plan(length_policy, active, timing.rows, num_draft_tokens, batch)
+        budget = _plan(length_policy, active, timing.rows, num_draft_tokens, batch, fused)
         rooms = [0] * batch
         for b in active:
             rooms[b] = max(0, min(
@@ -132,7 +136,7 @@ def run_speculative(
             # while a plain step would capture one in the middle of decoding
             t0 = time.perf_counter()
             trees, verdicts = _fused_step(fused, last, riding(lengths), rooms)
-            width = max(len(tree) for tree in trees)
+            width = num_draft_tokens  # what the cycle costs, whatever the rows' rooms
             timing.fused_steps += 1
         else:
             trees = _draft(drafter, contexts, rooms, lengths, timing, length_policy, active)
@@ -188,6 +192,22 @@ def run_speculative(
     timing.decode_s = time.perf_counter() - start - timing.prefill_s
 
 
+def _time_plain_step(runner: ModelRunner, cache, tokens: list[int], policy) -> None:
+    """Capture the plain decode step now (K = 0 runs it; not mid-decode) and hand the rule
+    its time: a fused cycle is recorded as one wide step, and the rule, which never saw a
+    plain one, would price it from the verify-cost shape and never try it. The step runs at
+    the trash slot (reading past every row): its output is dropped."""
+    device = runner.device
+    inputs = to_device(tokens, device, torch.long)
+    trash = to_device([trash_slot(cache)] * len(tokens), device, torch.long)
+    runner.decode(inputs, trash)
+    _synchronize(device)
+    start = time.perf_counter()
+    runner.decode(inputs, trash)
+    _synchronize(device)
+    policy.record_plain(len(tokens), time.perf_counter() - start)
+
+
 def _draft(
     drafter: BatchDrafter,
     contexts: Contexts,
@@ -226,13 +246,15 @@ def _fused_step(fused, last, lengths, rooms) -> tuple[list[DraftTree], list[Verd
 
 
 def _plan(
-    policy, active: list[int], rows: list[SpecStats], max_k: int, batch: int
+    policy, active: list[int], rows: list[SpecStats], max_k: int, batch: int, fused=None
 ) -> dict[int, int]:
     if policy is None:
         return {b: max_k for b in active}
     stats = [rows[b] for b in active]
     if hasattr(policy, "choose_k"):  # batch-aware: finished rows still ride in the forward
-        return policy.plan(active, stats, max_k, batch=batch)
+        if fused is None:
+            return policy.plan(active, stats, max_k, batch=batch)
+        return policy.plan(active, stats, max_k, batch=batch, candidates=(0, max_k))
     return policy.plan(active, stats, max_k)
 
 

@@ -253,9 +253,17 @@ class GoodputLength:
         """Drafting time of one step (`levels` draft-model passes over `batch` rows)."""
         self.cost.record_draft(batch, levels, seconds)
 
-    def choose_k(self, alphas: Sequence[float], max_k: int, batch: int) -> int:
+    def choose_k(
+        self,
+        alphas: Sequence[float],
+        max_k: int,
+        batch: int,
+        candidates: Sequence[int] | None = None,
+    ) -> int:
+        """candidates: the Ks a step can run (default 0..max_k; 0 is always one)."""
+        ks = range(max_k + 1) if candidates is None else sorted({0, *candidates})
         goodput = {}
-        for k in range(max_k + 1):
+        for k in (k for k in ks if k <= max_k):
             tokens = sum(expected_tokens(a, k) for a in alphas)
             goodput[k] = tokens / self.cost.step_time(batch, k)
         self.last_goodput = goodput
@@ -268,12 +276,15 @@ class GoodputLength:
         stats: Sequence[RowStats],
         max_k: int,
         batch: int | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> dict[int, int]:
+        """candidates: the Ks the loop can run (TriForce's one-graph cycle: 0 or its depth)."""
         _check_rows(rows, stats, max_k)
         if not rows:
             return {}
         alphas = [self.acceptance.update(row, st) for row, st in zip(rows, stats, strict=True)]
-        k = self.choose_k(alphas, max_k, len(rows) if batch is None else batch)
+        batch = len(rows) if batch is None else batch
+        k = self.choose_k(alphas, max_k, batch, candidates)
         return {row: k for row in rows}
 
 
