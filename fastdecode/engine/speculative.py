@@ -19,6 +19,11 @@ draft every row in shared forward passes; model-free ones run per row behind Per
 (which also feeds STAND the target's distributions). A draft-length policy
 (fastdecode.spec.length) may pick each row's K every step, down to 0 (a plain decode step)
 when the batch is large enough that verification stops being nearly free.
+
+TriForce's greedy chains skip the host round trips altogether: their drafter hands the loop
+a `fused_cycle` (fastdecode.spec.fused_chain), one CUDA graph that drafts, verifies and
+accepts, read once per step. Rows that finished ride along at slot 0 where the cache allows
+it (`ride_lengths`), so they stop reading their whole context.
 """
 
 from __future__ import annotations
