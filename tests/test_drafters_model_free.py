@@ -415,3 +415,49 @@ def test_ngram_incremental_array_proposes_what_a_fresh_drafter_does():
             prompt, output = [rng.randrange(6) for _ in range(len(prompt) + 50)], []
         if step == 45:
             assert kept.propose(list(view), 5).tokens == NgramDrafter().propose(view, 5).tokens
+
+
+def test_suffix_defers_a_long_prompts_older_part_to_idle_time():
+    """A prompt past EAGER_PROMPT tokens: its recent part is indexed before the first
+    proposal, the rest when the loop hands over idle time; a continuation that only the
+    older part holds is proposed once that part is indexed."""
+    import random
+
+    from fastdecode.spec.drafters.suffix import EAGER_PROMPT
+
+    rng = random.Random(3)
+    motif = [9001, 9002, 9003, 9004, 9005, 9006]
+    prompt = motif + [rng.randrange(5000) for _ in range(EAGER_PROMPT + 500)] + motif[:3]
+    drafter = SuffixDrafter(use_global=False)
+    first = drafter.propose(prompt, 8)
+    assert drafter.backlog == len(prompt) - EAGER_PROMPT
+    assert 9004 not in first.tokens  # the motif's continuation lives in the backlog
+    while drafter.backlog:
+        drafter.idle(0.001)
+    assert drafter.propose(prompt, 8).tokens[:3] == [9004, 9005, 9006]
+    short = SuffixDrafter(use_global=False)
+    short.propose(prompt[-EAGER_PROMPT:], 8)
+    assert short.backlog == 0
+
+
+@pytest.mark.slow
+def test_suffix_over_a_long_prompt_indexes_its_backlog_while_decoding(smollm2_llm):
+    """A 2,600-token prompt (an essay's opening, repeated): greedy output = plain, the
+    repeat is drafted from, and the older part (the backlog) is indexed by the end."""
+    from fastdecode.bench.haystack import essays_dir
+    from fastdecode.engine.spec_state import SpecTiming
+    from fastdecode.engine.speculative import run_speculative
+
+    essay = smollm2_llm.encode((essays_dir() / "avg.txt").read_text())
+    prompt = (essay[:1400] * 2)[:2600]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    plain = smollm2_llm.generate(prompt, params)[0]
+    config = SpeculativeConfig(method="suffix", num_draft_tokens=6)
+    drafter = config.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, 1)
+    states = smollm2_llm._new_states([params])
+    timing = SpecTiming()
+    for _ in run_speculative(smollm2_llm.runner, [prompt], states, timing, drafter, 6):
+        pass
+    assert states[0].token_ids == plain.token_ids
+    assert drafter.drafters[0].backlog == 0
+    assert timing.rows[0].tau > 2

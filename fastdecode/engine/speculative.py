@@ -108,6 +108,8 @@ def run_speculative(
 
     owed = None  # drafter updates of the last plain burst, handed over when next useful
     riding = functools.partial(ride_lengths, cache, states)
+    idle = getattr(drafter, "idle", None)  # deferred drafter work (a long prompt's index)
+    idle_clock = IdleClock(device)
     while not all(s.finished for s in states):
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
@@ -149,6 +151,7 @@ def run_speculative(
             t0 = time.perf_counter()
             lengths_t = to_device(riding(lengths), device, torch.long)
             width = max(len(tree) for tree in trees)
+            gpu_clock = idle_clock.start() if idle is not None else None
             if width:
                 tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
                     to_device(last, device, torch.long), lengths_t
@@ -156,9 +159,13 @@ def run_speculative(
                 logits = verify_forward(tokens, positions, slots, mask)
             else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
                 logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
+            if idle is not None:  # the GPU verifies: the host's wait, given to the drafters
+                idle(idle_clock.budget(gpu_clock))
             verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
             _compact(cache, verdicts, lengths, device)
             _synchronize(device)
+            if idle is not None:
+                idle_clock.stop(gpu_clock)
         elapsed = time.perf_counter() - t0
         timing.verify_s += elapsed
 
@@ -195,6 +202,39 @@ def run_speculative(
         timing.rows[b].cache_length = lengths[b]
         state.finalize()
     timing.decode_s = time.perf_counter() - start - timing.prefill_s
+
+
+class IdleClock:
+    """How long the host may work while the GPU verifies: a share of the last verify's GPU
+    time (CUDA events around the launch, read after the step's host read, when both have
+    completed). On a CPU nothing runs asynchronously: a fixed small slice."""
+
+    SHARE = 0.8
+    CPU_SLICE_S = 2e-3
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.gpu_s = self.CPU_SLICE_S / self.SHARE
+        self.end: torch.cuda.Event | None = None
+
+    def start(self):
+        if not self.cuda:
+            return None
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return begin
+
+    def budget(self, begin) -> float:
+        """Call right after launching the verify step (records its end)."""
+        if begin is not None:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+        return self.SHARE * self.gpu_s
+
+    def stop(self, begin) -> None:
+        """Call after the step's host read (both events have completed)."""
+        if begin is not None:
+            self.gpu_s = begin.elapsed_time(self.end) / 1e3
 
 
 def _time_plain_step(runner: ModelRunner, cache, tokens: list[int], policy) -> None:

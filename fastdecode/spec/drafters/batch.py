@@ -8,6 +8,7 @@ BatchDrafter per batch. Model-free drafters (n-gram, suffix, STAND) are per requ
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -74,6 +75,17 @@ class PerRowDrafters:
         for b, (drafter, room) in enumerate(zip(self.drafters, rooms, strict=True)):
             trees.append(drafter.propose(contexts[b], room).truncate(room) if room > 0 else None)
         return [DraftTree.empty() if t is None else t for t in trees]
+
+    def idle(self, seconds: float) -> None:
+        """Hand drafters with deferred work (SuffixDecoding's prompt backlog) `seconds` of
+        host time the loop would spend waiting for the GPU."""
+        deadline = time.perf_counter() + seconds
+        for drafter in self.drafters:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            if getattr(drafter, "backlog", 0):
+                drafter.idle(left)
 
     def accept(self, contexts, verdicts) -> None:
         for b, (drafter, verdict) in enumerate(zip(self.drafters, verdicts, strict=True)):

@@ -44,9 +44,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections.abc import Sequence
 
 from fastdecode.spec.tree import DraftTree
+
+EAGER_PROMPT = 2048  # prompt tokens (the most recent) indexed before the first proposal
+IDLE_CHUNK = 64  # backlog tokens indexed between two looks at the clock
 
 
 class SuffixTree:
@@ -236,6 +240,9 @@ class SuffixDrafter:
         self.local = SuffixTree(self.max_depth)
         self._local_seq = self.local.new_sequence()
         self._indexed = 0  # context tokens already in the local tree
+        self._backlog: list[int] = []  # a long prompt's older part, indexed in idle time
+        self._backlog_seq = self.local.new_sequence()
+        self._backlog_done = 0
         self._global_seq: int | None = None
 
     def update(self, accepted: list[int]) -> None:
@@ -261,9 +268,31 @@ class SuffixDrafter:
         )
         return sum(probs), tokens, parents
 
+    def idle(self, seconds: float) -> None:
+        """Index the prompt's backlog for about `seconds` (the loop calls this while the GPU
+        verifies, when the host would only wait for it)."""
+        start = time.perf_counter()
+        while self._backlog_done < len(self._backlog):
+            chunk = self._backlog[self._backlog_done : self._backlog_done + IDLE_CHUNK]
+            self.local.extend(self._backlog_seq, chunk)
+            self._backlog_done += len(chunk)
+            if time.perf_counter() - start >= seconds:
+                break
+
+    @property
+    def backlog(self) -> int:
+        """Prompt tokens not indexed yet."""
+        return len(self._backlog) - self._backlog_done
+
     def propose(self, context: list[int], max_nodes: int) -> DraftTree:
         if len(context) < self._indexed:  # a new context without reset: start over
             self.reset()
+        if self._indexed == 0 and len(context) > EAGER_PROMPT:
+            # Indexing costs ~40 us per token in Python: a 30K-token prompt would hold up
+            # the first step for a second. Its last EAGER_PROMPT tokens are indexed now;
+            # the older part is its own sequence, indexed in the loop's idle time (`idle`).
+            self._indexed = len(context) - EAGER_PROMPT
+            self._backlog = context[: self._indexed]
         self.local.extend(self._local_seq, context[self._indexed :])
         self._indexed = len(context)
         if max_nodes <= 0:
