@@ -294,6 +294,8 @@ def test_stand_sampling_gets_drafts_accepted(smollm2_llm):
 
 
 class SpyStand(StandDrafter):
+    observe_top = None  # the whole distributions, not the batch adapter's top-k
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.calls: list[tuple[list[int], list[int], torch.Tensor]] = []
@@ -461,3 +463,27 @@ def test_suffix_over_a_long_prompt_indexes_its_backlog_while_decoding(smollm2_ll
     assert states[0].token_ids == plain.token_ids
     assert drafter.drafters[0].backlog == 0
     assert timing.rows[0].tau > 2
+
+
+def test_stand_batch_observation_equals_per_row_observation():
+    """The batch adapter takes every row's top-k in one pass: STAND's tables come out as
+    if each row had observed its own distributions."""
+    from fastdecode.spec.drafters.batch import PerRowDrafters
+    from fastdecode.spec.verify import Verdict
+
+    gen = torch.Generator().manual_seed(0)
+    contexts = [[1, 2, 3, 4], [5, 6, 7], [1, 2, 9, 9, 4]]
+    emitted = [[7, 8], [3], [4, 2, 6]]
+    probs = [torch.rand(len(t), 40, generator=gen).softmax(-1) for t in emitted]
+    batched = PerRowDrafters([StandDrafter(top_k=5) for _ in contexts])
+    batched.want_probs = [True, True, True]
+    verdicts = [Verdict([], t, p) for t, p in zip(emitted, probs, strict=True)]
+    batched.accept(contexts, verdicts)
+    for drafter, context, tokens, p in zip(batched.drafters, contexts, emitted, probs, strict=True):
+        alone = StandDrafter(top_k=5)
+        alone.observe(context, tokens, p)
+        assert drafter.target.keys() == alone.target.keys()
+        for key, (sums, seen) in alone.target.items():
+            other, other_seen = drafter.target[key]
+            assert other_seen == seen and other.keys() == sums.keys()
+            assert all(abs(other[t] - v) < 1e-6 for t, v in sums.items())

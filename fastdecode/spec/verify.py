@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.sampling import filtered_probs, sample_row
 from fastdecode.params import SamplingParams
 from fastdecode.spec.tree import DraftTree
@@ -112,7 +113,7 @@ def verify_batch(
     # every row's argmax in one transfer (indexing the greedy rows first would copy a list
     # of row numbers to the device: a stream sync before the read that follows anyway)
     by_row = logits.argmax(-1).tolist() if any(p.greedy for p in params) else []
-    verdicts = []
+    verdicts, greedy_observed = [], []
     for b, (tree, p, gen) in enumerate(zip(trees, params, generators, strict=True)):
         if p.greedy:
             verdict = verify_greedy(tree, by_row[b])
@@ -121,6 +122,18 @@ def verify_batch(
             verdict = verify_sampling(tree, probs, gen)
         if want_probs is not None and want_probs[b]:
             columns = [0] + [node + 1 for node in verdict.accepted]  # emitted positions
-            verdict.probs = target_probs(logits[b, columns], p) if p.greedy else probs[columns]
+            if p.greedy:
+                greedy_observed.append((b, columns))
+            else:
+                verdict.probs = probs[columns]
         verdicts.append(verdict)
+    if greedy_observed:  # every greedy row's emitted positions in one gather and softmax
+        rows = [b for b, columns in greedy_observed for _ in columns]
+        columns = [c for _, cols in greedy_observed for c in cols]
+        index = to_device([rows, columns], logits.device, torch.long)
+        # greedy rows' distributions are a plain softmax whatever else their params say
+        probs = target_probs(logits[index[0], index[1]], params[rows[0]])
+        sizes = [len(cols) for _, cols in greedy_observed]
+        for (b, _), part in zip(greedy_observed, probs.split(sizes), strict=True):
+            verdicts[b].probs = part
     return verdicts

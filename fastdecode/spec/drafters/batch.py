@@ -88,9 +88,35 @@ class PerRowDrafters:
                 drafter.idle(left)
 
     def accept(self, contexts, verdicts) -> None:
+        observing = [
+            b for b, v in enumerate(verdicts)
+            if v is not None and self.want_probs[b] and v.probs is not None  # None: a burst's
+        ]  # fmt: skip
+        tops = self._top_k([verdicts[b].probs for b in observing], observing)
+        watched = set(observing)
         for b, (drafter, verdict) in enumerate(zip(self.drafters, verdicts, strict=True)):
             if verdict is None:
                 continue
-            if self.want_probs[b] and verdict.probs is not None:  # None: a plain burst's
+            if b in tops:
+                drafter.observe_top(contexts[b], verdict.tokens, *tops[b])
+            elif b in watched:
                 drafter.observe(contexts[b], verdict.tokens, verdict.probs)
             drafter.update(verdict.tokens)
+
+    def _top_k(self, probs: list[torch.Tensor], rows: list[int]) -> dict[int, tuple]:
+        """row -> (values, indices, vocab) of its distributions' top-k, every row's in one
+        top-k and one transfer (one per row cost three host syncs each at batch 32), for
+        drafters that take them (`observe_top`, one top_k for all)."""
+        ks = {getattr(self.drafters[b], "top_k", None) for b in rows}
+        takes = all(getattr(self.drafters[b], "observe_top", None) for b in rows)
+        if not rows or not takes or len(ks) != 1 or None in ks:
+            return {}
+        vocab = probs[0].shape[-1]
+        top = torch.topk(torch.cat(probs).float(), min(ks.pop(), vocab), dim=-1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+        out, start = {}, 0
+        for b, p in zip(rows, probs, strict=True):
+            end = start + p.shape[0]
+            out[b] = (values[start:end], indices[start:end], vocab)
+            start = end
+        return out

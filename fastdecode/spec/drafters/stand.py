@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -107,10 +108,34 @@ class StandDrafter:
         context + tokens[:j] (tokens[j] was emitted from it)."""
         if not len(tokens):
             return
-        self.vocab_size = probs.shape[-1]
-        k = min(self.top_k, probs.shape[-1])
-        top = torch.topk(probs.float(), k, dim=-1)
+        top = torch.topk(probs.float(), min(self.top_k, probs.shape[-1]), dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+        self._fold(context, tokens, values, indices, probs.shape[-1])
+
+    def observe_top(
+        self,
+        context: Sequence[int],
+        tokens: list[int],
+        values: list[list[float]],
+        indices: list[list[int]],
+        vocab_size: int,
+    ) -> None:
+        """`observe` with each distribution's top-`top_k` already on the host (the batch
+        adapter takes the top-k of every row's distributions in one pass and one transfer)."""
+        self._fold(context, tokens, values, indices, vocab_size)
+
+    def _fold(
+        self,
+        context: Sequence[int],
+        tokens: list[int],
+        values: list[list[float]],
+        indices: list[list[int]],
+        vocab_size: int,
+    ) -> None:
+        """Add the target's top-k at each emitted position to the tables."""
+        if not len(tokens):
+            return
+        self.vocab_size = vocab_size
         tail = list(context[-self.max_ngram :])
         for j in range(len(tokens)):
             for n in range(self.min_ngram, min(self.max_ngram, len(tail)) + 1):
