@@ -110,7 +110,8 @@ class StandDrafter:
             return
         top = torch.topk(probs.float(), min(self.top_k, probs.shape[-1]), dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
-        self._fold(context, tokens, values, indices, probs.shape[-1])
+        # the class's own (a subclass may turn the batch path off by unsetting observe_top)
+        StandDrafter.observe_top(self, context, tokens, values, indices, probs.shape[-1])
 
     def observe_top(
         self,
@@ -122,17 +123,6 @@ class StandDrafter:
     ) -> None:
         """`observe` with each distribution's top-`top_k` already on the host (the batch
         adapter takes the top-k of every row's distributions in one pass and one transfer)."""
-        self._fold(context, tokens, values, indices, vocab_size)
-
-    def _fold(
-        self,
-        context: Sequence[int],
-        tokens: list[int],
-        values: list[list[float]],
-        indices: list[list[int]],
-        vocab_size: int,
-    ) -> None:
-        """Add the target's top-k at each emitted position to the tables."""
         if not len(tokens):
             return
         self.vocab_size = vocab_size
