@@ -57,6 +57,7 @@ def run_batch(
     step, checked = 1, 0
     scratch = getattr(runner.cache, "finished_rows_scratch", False)
     advance: torch.Tensor | int = 1  # per row once some finished: 0 for those (at slot 0)
+    parked = 0  # finished rows already moved to slot 0
     while True:
         if checked == 0 or step - checked >= check_every or step == max_new:
             new_tokens = history[:, checked:step].tolist()  # the only host sync
@@ -74,10 +75,11 @@ def run_batch(
             yield
             if step == max_new or all(s.finished for s in states):
                 break
-            if scratch and any(s.finished for s in states):
+            finished = sum(s.finished for s in states)
+            if scratch and finished > parked:  # newly finished rows: park them at slot 0
                 alive = to_device([not s.finished for s in states], device, torch.long)
                 positions = positions * alive
-                advance = alive
+                advance, parked = alive, finished
         logits = runner.decode(tokens, positions)
         tokens = select_tokens(logits, params, generators)
         positions += advance

@@ -56,7 +56,7 @@ def trash_slot(cache) -> int:
     return cache.capacity - 1
 
 
-class _CapturedGraphs:
+class CapturedGraphs:
     """One cache's CUDA graphs, captured on first use of each shape key into one memory pool.
     A failed capture never loses the step: the instance warns and runs eagerly from then on."""
 
@@ -92,7 +92,7 @@ class _CapturedGraphs:
         """Hook: what else a failed capture rules out."""
 
 
-class GraphedForward(_CapturedGraphs):
+class GraphedForward(CapturedGraphs):
     """`model.forward(tokens, positions, cache, slots=, mask=, decode=True)` for one cache,
     optionally over a subset of layers, one CUDA graph per (batch, width bucket, and for a
     `TreeMask` its local block's bucket)."""
@@ -190,7 +190,7 @@ class GraphedForward(_CapturedGraphs):
         return graph, inputs, logits
 
 
-class GraphedDecode(_CapturedGraphs):
+class GraphedDecode(CapturedGraphs):
     """`model.decode_step` over one cache, one CUDA graph per batch size. Whatever the cache's
     Python-side switches say at capture time is baked into the graph (a sparse-reading
     draft and the fully-reading target over one cache need one instance each)."""

@@ -151,7 +151,8 @@ def run_speculative(
             t0 = time.perf_counter()
             lengths_t = to_device(riding(lengths), device, torch.long)
             width = max(len(tree) for tree in trees)
-            gpu_clock = idle_clock.start() if idle is not None else None
+            busy = idle is not None and drafter.idle_work  # events only while there is work
+            gpu_clock = idle_clock.start() if busy else None
             if width:
                 tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
                     to_device(last, device, torch.long), lengths_t
@@ -159,12 +160,12 @@ def run_speculative(
                 logits = verify_forward(tokens, positions, slots, mask)
             else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
                 logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
-            if idle is not None:  # the GPU verifies: the host's wait, given to the drafters
+            if busy:  # the GPU verifies: the host's wait, given to the drafters
                 idle(idle_clock.budget(gpu_clock))
             verdicts = verify_batch(trees, logits, params, generators, drafter.want_probs)
             _compact(cache, verdicts, lengths, device)
             _synchronize(device)
-            if idle is not None:
+            if busy:
                 idle_clock.stop(gpu_clock)
         elapsed = time.perf_counter() - t0
         timing.verify_s += elapsed

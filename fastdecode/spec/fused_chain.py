@@ -25,14 +25,14 @@ from collections.abc import Callable
 
 import torch
 
-from fastdecode.engine.graphed import _CapturedGraphs, capture_graph, trash_slot
+from fastdecode.engine.graphed import CapturedGraphs, capture_graph, trash_slot
 from fastdecode.engine.host_copy import to_device
 from fastdecode.kv.tree_mask import TreeMask
 
 DraftStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # tokens, positions [B]
 
 
-class FusedChainCycle(_CapturedGraphs):
+class FusedChainCycle(CapturedGraphs):
     """Greedy chain self-speculation over one cache. `draft_mode()`: a context manager that
     switches the cache to the draft's reads (TriForce: sparse) around the draft steps."""
 

@@ -76,6 +76,11 @@ class PerRowDrafters:
             trees.append(drafter.propose(contexts[b], room).truncate(room) if room > 0 else None)
         return [DraftTree.empty() if t is None else t for t in trees]
 
+    @property
+    def idle_work(self) -> bool:
+        """Some drafter has deferred work for `idle` (a prompt backlog)."""
+        return any(getattr(d, "backlog", 0) for d in self.drafters)
+
     def idle(self, seconds: float) -> None:
         """Hand drafters with deferred work (SuffixDecoding's prompt backlog) `seconds` of
         host time the loop would spend waiting for the GPU."""
