@@ -129,3 +129,28 @@ def test_speculation_over_an_evicting_policy_is_a_clear_error(tiny_llm):
         PROMPTS[0], params, speculative_config=spec
     )
     assert len(out[0].token_ids) == 6
+
+
+def test_quest_page_bounds_follow_moved_slots():
+    """Compaction moves accepted tree nodes' keys: their pages' min/max absorb them, in one
+    reduction per bound (pages repeat among the moved slots; rows differ)."""
+    from types import SimpleNamespace
+
+    from fastdecode.kv.policies.quest import QuestPolicy
+
+    torch.manual_seed(0)
+    policy = QuestPolicy(budget=8, page_size=4, dense_layers=0)
+    batch, heads, capacity, dim = 3, 2, 16, 5
+    cache = SimpleNamespace(k=[torch.randn(batch, heads, capacity, dim)], num_layers=1, state={})
+    policy.setup(cache)
+    key_min, key_max = cache.state["key_min"][0], cache.state["key_max"][0]
+    key_min.copy_(torch.randn_like(key_min))
+    key_max.copy_(key_min + torch.rand_like(key_min))
+    want_min, want_max = key_min.clone(), key_max.clone()
+    rows, dst = torch.tensor([0, 0, 2, 1]), torch.tensor([5, 6, 13, 0])
+    for b, slot in zip(rows.tolist(), dst.tolist(), strict=True):
+        key = cache.k[0][b, :, slot]
+        want_min[b, :, slot // 4] = torch.minimum(want_min[b, :, slot // 4], key)
+        want_max[b, :, slot // 4] = torch.maximum(want_max[b, :, slot // 4], key)
+    policy.on_move(0, cache, rows, None, dst)
+    assert torch.equal(key_min, want_min) and torch.equal(key_max, want_max)

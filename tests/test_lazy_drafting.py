@@ -143,3 +143,37 @@ def test_stand_takes_plain_bursts_and_keeps_greedy_output(tiny_llm, plain):
     assert [s.token_ids for s in states] == plain
     kinds = [k for k, _ in policy.log]
     assert kinds.count(0) > 1 and kinds.count(4) > 1
+
+
+class TimedPhases(Phases):
+    """Phases that keep the step timings the loop hands the rule."""
+
+    def __init__(self, off: int, on: int) -> None:
+        super().__init__(off, on)
+        self.timed: list[str] = []
+
+    def record_verify(self, batch, width, seconds) -> None:
+        self.timed.append("verify")
+
+    def record_plain(self, batch, seconds) -> None:
+        self.timed.append("plain")
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_steps_that_capture_a_graph_are_not_timed(tiny_llm, plain, monkeypatch, capturing):
+    """A CUDA graph capture (and the compiling in its warm-up) inside a step costs tens to
+    hundreds of ms: learned as the step's cost, it turned the goodput rule off for good."""
+    import fastdecode.engine.plain_burst as burst_module
+    import fastdecode.engine.speculative as spec_module
+
+    counter = iter(range(10**6))
+    fake = (lambda: next(counter)) if capturing else (lambda: 0)  # a capture between any two looks
+    monkeypatch.setattr(spec_module, "captures", fake)
+    monkeypatch.setattr(burst_module, "captures", fake)
+    spec = SpeculativeConfig("ngram", num_draft_tokens=4)
+    states, _, policy = speculate(tiny_llm, spec, PROMPTS, lambda _: TimedPhases(1, 2))
+    assert [s.token_ids for s in states] == plain
+    if capturing:
+        assert policy.timed == []
+    else:
+        assert {"verify", "plain"} <= set(policy.timed)

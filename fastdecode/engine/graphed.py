@@ -45,6 +45,16 @@ def capture_graph(step, pool, warmups: int = 2):
     return graph, output
 
 
+_captures = 0  # CUDA graphs captured so far in this process (all CapturedGraphs)
+
+
+def captures() -> int:
+    """How many graphs this process has captured: a step timed across a change of this count
+    paid for a capture (and the compiling in its warm-up runs), tens to hundreds of ms that
+    are not its cost -- timing-driven rules (the goodput rule) must not learn from it."""
+    return _captures
+
+
 def _flat(inputs) -> list[torch.Tensor]:
     """The tensors of (tokens, positions, slots, mask), a `TreeMask` counting as two."""
     *tensors, mask = inputs
@@ -71,6 +81,8 @@ class CapturedGraphs:
         """The captured (graph, static inputs..., output) for `key`, capturing it now with
         `capture(pool)`; None once a capture has failed (the caller then runs eagerly)."""
         if key not in self._graphs:
+            global _captures
+            _captures += 1
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             try:

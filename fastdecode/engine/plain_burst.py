@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from fastdecode.engine.graphed import captures
 from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.sampling import select_tokens
 from fastdecode.engine.spec_state import Contexts, ride_lengths
@@ -37,7 +38,7 @@ def plain_burst(
     left = min(states[b].params.max_tokens - len(states[b].token_ids) for b in active)
     total = min(PLAIN_BURST * PIPELINED_BURSTS, room, left)
     booker = PlainBooker(prompts, states, drafter, timing, lengths, last, active)
-    t0 = time.perf_counter()
+    t0, captured = time.perf_counter(), captures()
     tokens = to_device(last, device, torch.long)
     positions = to_device(ride_lengths(runner.cache, states, lengths), device, torch.long)
     moving = to_device([not s.finished for s in states], device, torch.long)
@@ -66,7 +67,8 @@ def plain_burst(
         owed.flush()
     elapsed = time.perf_counter() - t0
     timing.verify_s += elapsed
-    length_policy.record_plain(len(states), elapsed / max(1, launched))
+    if captures() == captured:  # the first burst may capture the plain step's graph
+        length_policy.record_plain(len(states), elapsed / max(1, launched))
     for b in active:
         timing.rows[b].verify_s += elapsed
     return booker

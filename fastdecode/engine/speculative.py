@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdecode.engine.generate import _synchronize
-from fastdecode.engine.graphed import trash_slot
+from fastdecode.engine.graphed import captures, trash_slot
 from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.plain_burst import plain_burst
 from fastdecode.engine.runner import ModelRunner
@@ -137,6 +137,7 @@ def run_speculative(
             owed.flush()
             owed = None
         contexts = Contexts(prompts, states)
+        captured = captures()  # a step that captures a graph is not timed for the rule
         if fused is not None:
             # draft + verify + accept in one device pass (greedy chains), timed as verify;
             # also when no row has room (the last token): its graph is already captured,
@@ -172,8 +173,10 @@ def run_speculative(
 
         # -- emit -------------------------------------------------------------------------
         drafter.accept(contexts, [v if b in active else None for b, v in enumerate(verdicts)])
-        if length_policy is not None:  # the step's cost includes the drafter's bookkeeping
-            step_s = time.perf_counter() - t0  # (STAND's pull of the target's distributions)
+        if length_policy is not None and captures() == captured:
+            # the step's cost includes the drafter's bookkeeping (STAND's pull of the
+            # target's distributions)
+            step_s = time.perf_counter() - t0
             if width:
                 length_policy.record_verify(batch, 1 + width, step_s)
             else:
@@ -264,14 +267,15 @@ def _draft(
     active: list[int],
 ) -> list[DraftTree]:
     """Every row's draft tree (empty where its room is 0), timed."""
-    t0 = time.perf_counter()
+    t0, captured = time.perf_counter(), captures()
     trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
     if trees is None:
         trees = [DraftTree.empty() for _ in rooms]
     elapsed = time.perf_counter() - t0
     timing.draft_s += elapsed
     levels = max(tree.max_depth for tree in trees)
-    if levels and hasattr(length_policy, "record_draft"):  # per level, backlog left out
+    timed = captures() == captured  # a draft model's first pass captures its graph
+    if levels and timed and hasattr(length_policy, "record_draft"):  # per level, no backlog
         backlog = getattr(drafter, "catch_up_s", 0.0)
         length_policy.record_draft(len(rooms), levels, max(0.0, elapsed - backlog))
     drafting = [b for b in active if rooms[b] > 0]

@@ -100,11 +100,15 @@ class QuestPolicy(ReadPolicy):
         rows, dst = torch.broadcast_tensors(batch_index, dst)
         rows, dst = rows.reshape(-1), dst.reshape(-1)
         keys = cache.k[layer].permute(0, 2, 1, 3)[rows, dst]  # [N, Hkv, D]
-        page = dst // self.page_size
-        for i in range(rows.shape[0]):  # few slots (an accepted path); pages may repeat
-            b, p = rows[i], page[i]
-            key_min[b, :, p] = torch.minimum(key_min[b, :, p], keys[i])
-            key_max[b, :, p] = torch.maximum(key_max[b, :, p], keys[i])
+        _, num_kv_heads, num_pages, head_dim = key_min.shape
+        # one reduction per bound over [B * Hkv * P, D] rows (pages may repeat among the
+        # moved slots): no per-slot indexing, which cost host syncs on the GPU
+        heads = torch.arange(num_kv_heads, device=dst.device)
+        flat = (rows[:, None] * num_kv_heads + heads) * num_pages + dst[:, None] // self.page_size
+        for bound, reduce in ((key_min, "amin"), (key_max, "amax")):
+            bound.view(-1, head_dim).index_reduce_(
+                0, flat.reshape(-1), keys.reshape(-1, head_dim), reduce, include_self=True
+            )
 
     # -- reading: the pages with the highest upper bounds --
     def select(self, layer, cache, q, visible):

@@ -16,6 +16,7 @@ import torch
 
 from fastdecode.params import SamplingParams
 from fastdecode.spec.drafters.base import Drafter
+from fastdecode.spec.drafters.suffix import EAGER_MIN, EAGER_PROMPT
 from fastdecode.spec.tree import DraftTree
 from fastdecode.spec.verify import Verdict, target_probs
 
@@ -59,6 +60,11 @@ class PerRowDrafters:
     def __init__(self, drafters: Sequence[Drafter]) -> None:
         self.drafters = list(drafters)
         self.want_probs = [getattr(d, "wants_target_probs", False) for d in self.drafters]
+        self.catch_up_s = 0.0  # of the last propose: the drafters' indexing of new context
+        share = max(EAGER_MIN, EAGER_PROMPT // max(1, len(self.drafters)))
+        for drafter in self.drafters:  # the batch's first step indexes ~EAGER_PROMPT tokens
+            if hasattr(drafter, "eager_prompt"):
+                drafter.eager_prompt = share
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:
         for b, (drafter, p) in enumerate(zip(self.drafters, params, strict=True)):
@@ -71,9 +77,11 @@ class PerRowDrafters:
             drafter.update([first[b]])
 
     def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
-        trees = []
+        trees, self.catch_up_s = [], 0.0
         for b, (drafter, room) in enumerate(zip(self.drafters, rooms, strict=True)):
             trees.append(drafter.propose(contexts[b], room).truncate(room) if room > 0 else None)
+            if room > 0:  # a first proposal indexes the prompt: one-off work, not drafting
+                self.catch_up_s += getattr(drafter, "index_s", 0.0)
         return [DraftTree.empty() if t is None else t for t in trees]
 
     @property

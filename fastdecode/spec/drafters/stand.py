@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections.abc import Sequence
 
 import torch
@@ -93,6 +94,7 @@ class StandDrafter:
         self.target: dict[tuple[int, ...], tuple[dict[int, float], int]] = {}
         self.counts: dict[tuple[int, ...], dict[int, int]] = {}
         self._indexed = 0  # context tokens already in the count table
+        self.index_s = 0.0  # of the last propose: indexing new context, not drafting
 
     def configure(self, params: SamplingParams) -> None:
         """The request's sampling parameters: greedy drafts deterministically; sampling
@@ -166,7 +168,9 @@ class StandDrafter:
 
     # -- drafting -------------------------------------------------------------------------
     def propose(self, context: list[int], max_nodes: int) -> DraftTree:
+        start = time.perf_counter()
         self._index(context)
+        self.index_s = time.perf_counter() - start  # not drafting: the goodput rule skips it
         if max_nodes <= 0:
             return DraftTree.empty()
         tail = list(context[-self.max_ngram :])
