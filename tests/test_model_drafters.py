@@ -350,6 +350,46 @@ def test_triforce_with_the_goodput_rule_runs_its_cycle_or_plain_bursts(smollm2_l
     assert [s.token_ids for s in states] == [r.token_ids for r in plain]
 
 
+@pytest.mark.slow
+def test_triforce_goodput_times_a_plain_step_again_as_rows_finish(smollm2_llm, essays):
+    """With the fused cycle the rule knows plain steps only from timings; as rows finish
+    (and ride at slot 0) plain steps get cheaper, so the loop times one real plain step
+    whenever the decoding rows fall to 3/4 of those at the last timing."""
+    from fastdecode.spec.length import GoodputLength
+
+    class AlwaysCycle(GoodputLength):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain_rows: list[int] = []
+
+        def choose_k(self, alphas, max_k, batch, candidates=None):
+            self.rows_now = len(alphas)
+            return max_k
+
+        def record_plain(self, batch, seconds) -> None:
+            self.plain_rows.append(getattr(self, "rows_now", batch))
+            super().record_plain(batch, seconds)
+
+    prompts = [essays[i % 3][40 * i : 190 + 80 * i] for i in range(4)]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 14, 30, 30)]
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=3,
+        drafter_kwargs={"policy": "streaming_read", "budget": 32},
+    )  # fmt: skip
+    states = smollm2_llm._new_states(params)
+    timing = SpecTiming()
+    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
+    policy = AlwaysCycle()
+    for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 3, policy):
+        pass
+    # at the start (all 4 rows), then once 3, 2 (and 1, unless the last two end together)
+    rows = policy.plain_rows
+    assert rows[:3] == [4, 3, 2] and rows[3:] in ([], [1])
+    assert timing.fused_steps > 0
+    plain = smollm2_llm.generate(prompts, params)
+    assert [s.token_ids for s in states] == [r.token_ids for r in plain]
+
+
 # -- the KV cache after speculation -----------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ PIPELINED_BURSTS = 4  # bursts in flight back to back: the host books one while 
 
 def plain_burst(
     runner, prompts, states, drafter, timing, lengths, last, generators, length_policy, room,
-    owed: PlainBooker | None = None,
+    owed: PlainBooker | None = None, max_steps: int | None = None,
 ) -> PlainBooker:  # fmt: skip
     """Up to PIPELINED_BURSTS x PLAIN_BURST plain decode steps for every row; finished rows
     stay in place. Pipelined on CUDA: while the GPU runs burst i, the host books burst
@@ -31,12 +31,13 @@ def plain_burst(
 
     The last burst is booked with the GPU idle, so its drafter updates are left owed: the
     returned PlainBooker hands them over when flushed -- by the next call while its first
-    burst runs (`owed`), or by the loop before the drafter is next needed."""
+    burst runs (`owed`), or by the loop before the drafter is next needed. max_steps: fewer
+    steps (one, to time a plain step for the rule)."""
     device = runner.device
     params = [s.params for s in states]
     active = [b for b, s in enumerate(states) if not s.finished]
     left = min(states[b].params.max_tokens - len(states[b].token_ids) for b in active)
-    total = min(PLAIN_BURST * PIPELINED_BURSTS, room, left)
+    total = min(PLAIN_BURST * PIPELINED_BURSTS, room, left, max_steps or room)
     booker = PlainBooker(prompts, states, drafter, timing, lengths, last, active)
     t0, captured = time.perf_counter(), captures()
     tokens = to_device(last, device, torch.long)

@@ -48,6 +48,8 @@ from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
 from fastdecode.spec.tree import DraftTree, pad_trees
 from fastdecode.spec.verify import Verdict, verify_batch
 
+RETIME_SHARE = 0.75  # fused cycle + goodput rule: time a plain step again at 3/4 of the rows
+
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy
 
@@ -101,8 +103,14 @@ def run_speculative(
     for state, token in zip(states, first, strict=True):
         state.add(token)
     drafter.begin(prompts, params, generators, first, prefill_logits)
+    # rows decoding when a plain step was last timed (0: no re-timing). With the fused
+    # cycle the rule sees plain steps only through these timings; as rows finish (and ride
+    # at slot 0) plain steps get cheaper, and a stale price kept the cycle running through
+    # the slow rows' tail (TriForce at 32K x 32: 109 steps for 128 tokens, 0.95x plain).
+    plain_timed = 0
     if fused is not None and length_policy is not None:
         _time_plain_step(runner, cache, first, length_policy)
+        plain_timed = batch
     timing.steps = 1
     yield
 
@@ -111,9 +119,14 @@ def run_speculative(
     idle = getattr(drafter, "idle", None)  # deferred drafter work (a long prompt's index)
     idle_clock = IdleClock(device)
     while not all(s.finished for s in states):
+        # a step that captures a graph is not timed for the rule
+        step_start, captured = time.perf_counter(), captures()
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
         budget = _plan(length_policy, active, timing.rows, num_draft_tokens, batch, fused)
+        retime = plain_timed and len(active) <= RETIME_SHARE * plain_timed
+        if retime:  # one real plain step, timed, then the rule plans with its new price
+            budget = dict.fromkeys(active, 0)
         rooms = [0] * batch
         for b in active:
             rooms[b] = max(0, min(
@@ -129,7 +142,8 @@ def run_speculative(
             # same output.
             owed = plain_burst(runner, prompts, states, drafter, timing, lengths, last,
                                generators, length_policy, room=trash_slot(cache) - max(lengths) - 1,
-                               owed=owed)  # fmt: skip
+                               owed=owed, max_steps=1 if retime else None)  # fmt: skip
+            plain_timed = len(active) if plain_timed else 0
             timing.decode_s = time.perf_counter() - start - timing.prefill_s
             yield
             continue
@@ -137,7 +151,7 @@ def run_speculative(
             owed.flush()
             owed = None
         contexts = Contexts(prompts, states)
-        captured = captures()  # a step that captures a graph is not timed for the rule
+        drafting_s = 0.0  # priced per level by the rule; the fused cycle's is in its step
         if fused is not None:
             # draft + verify + accept in one device pass (greedy chains), timed as verify;
             # also when no row has room (the last token): its graph is already captured,
@@ -147,7 +161,9 @@ def run_speculative(
             width = num_draft_tokens  # what the cycle costs, whatever the rows' rooms
             timing.fused_steps += 1
         else:
-            trees = _draft(drafter, contexts, rooms, lengths, timing, length_policy, active)
+            trees, drafting_s = _draft(
+                drafter, contexts, rooms, lengths, timing, length_policy, active
+            )
             # -- verify: one target pass over every row's tree ----------------------------
             t0 = time.perf_counter()
             lengths_t = to_device(riding(lengths), device, torch.long)
@@ -173,14 +189,6 @@ def run_speculative(
 
         # -- emit -------------------------------------------------------------------------
         drafter.accept(contexts, [v if b in active else None for b, v in enumerate(verdicts)])
-        if length_policy is not None and captures() == captured:
-            # the step's cost includes the drafter's bookkeeping (STAND's pull of the
-            # target's distributions)
-            step_s = time.perf_counter() - t0
-            if width:
-                length_policy.record_verify(batch, 1 + width, step_s)
-            else:
-                length_policy.record_plain(batch, step_s)
         for b in active:
             state, verdict, tree = states[b], verdicts[b], trees[b]
             emitted = 0
@@ -196,6 +204,17 @@ def run_speculative(
                 length_policy.record_row(b, tree.max_depth, len(verdict.accepted))
             lengths[b] += 1 + len(verdict.accepted)
             last[b] = verdict.tokens[-1]
+        if length_policy is not None and captures() == captured:
+            # What the step cost beyond its drafting: the verify, the drafters' bookkeeping
+            # (STAND's pull of the target's distributions, catching up after plain bursts)
+            # and the host's loop. Plain bursts are timed whole too, so the rule weighs the
+            # real price of a speculative step (with the verify alone timed, it chose
+            # draft-model steps at batch 8 that lost 42% to plain decoding; spec_batch_h100).
+            step_s = time.perf_counter() - step_start - drafting_s
+            if width:
+                length_policy.record_verify(batch, 1 + width, step_s)
+            else:
+                length_policy.record_plain(batch, step_s)
         timing.steps += 1
         timing.decode_s = time.perf_counter() - start - timing.prefill_s
         yield
@@ -265,8 +284,9 @@ def _draft(
     timing: SpecTiming,
     length_policy,
     active: list[int],
-) -> list[DraftTree]:
-    """Every row's draft tree (empty where its room is 0), timed."""
+) -> tuple[list[DraftTree], float]:
+    """Every row's draft tree (empty where its room is 0), and the seconds spent drafting
+    (a backlog's catch-up left out: the rule prices drafting per level)."""
     t0, captured = time.perf_counter(), captures()
     trees = drafter.propose(contexts, rooms, lengths) if any(rooms) else None
     if trees is None:
@@ -274,14 +294,14 @@ def _draft(
     elapsed = time.perf_counter() - t0
     timing.draft_s += elapsed
     levels = max(tree.max_depth for tree in trees)
+    drafting = max(0.0, elapsed - getattr(drafter, "catch_up_s", 0.0)) if levels else 0.0
     timed = captures() == captured  # a draft model's first pass captures its graph
-    if levels and timed and hasattr(length_policy, "record_draft"):  # per level, no backlog
-        backlog = getattr(drafter, "catch_up_s", 0.0)
-        length_policy.record_draft(len(rooms), levels, max(0.0, elapsed - backlog))
-    drafting = [b for b in active if rooms[b] > 0]
-    for b in drafting:  # rows share the batched drafting time
-        timing.rows[b].draft_s += elapsed / len(drafting)
-    return trees
+    if levels and timed and hasattr(length_policy, "record_draft"):
+        length_policy.record_draft(len(rooms), levels, drafting)
+    rows = [b for b in active if rooms[b] > 0]
+    for b in rows:  # rows share the batched drafting time
+        timing.rows[b].draft_s += elapsed / len(rows)
+    return trees, drafting
 
 
 def _fused_step(fused, last, lengths, rooms) -> tuple[list[DraftTree], list[Verdict]]:

@@ -105,6 +105,13 @@ class SpeculativeConfig:
             return build_model_drafter(self, runner, tokenizer, self._engine)
         return PerRowDrafters([self.new_drafter() for _ in range(batch)])
 
+    def forget_requests(self) -> None:
+        """Drop what earlier requests left in the drafters' shared state (SuffixDecoding's
+        global tree) but keep the engine's (a loaded draft model, the length policy's
+        measured step costs). Benchmarks warm up, forget, then measure: a warm-up on the
+        same prompts would otherwise hand the measured run its own outputs to draft from."""
+        self._shared = None
+
     def length_policy(self):
         """The draft-length policy (kept across batches: its step-cost model learns); None
         for "fixed" (every row drafts num_draft_tokens)."""
