@@ -231,3 +231,48 @@ def test_make_length_policy():
         make_length_policy("feedback", min_k=0)
     with pytest.raises(ValueError, match="margin"):
         make_length_policy("goodput", margin=-1)
+
+
+# -- the goodput rule's guard: realized throughput ---------------------------------------------
+
+
+def test_realized_rates_average_per_batch_and_mode():
+    from fastdecode.spec.realized import RealizedRates
+
+    rates = RealizedRates(smoothing=0.5)
+    assert rates.rate(8, True) is None
+    rates.record(8, True, 100, 1.0)
+    rates.record(8, True, 300, 1.0)
+    rates.record(8, False, 0, 1.0)  # nothing emitted: no measurement
+    assert rates.rate(8, True) == pytest.approx(200.0)
+    assert rates.rate(8, False) is None and rates.rate(32, True) is None
+    with pytest.raises(ValueError, match="smoothing"):
+        RealizedRates(smoothing=0)
+
+
+def test_goodput_guard_probes_plain_then_follows_realized_throughput():
+    """The model alone would speculate (free verification, high acceptance); realized rates
+    overrule it: a plain probe once speculation has been measured alone, K = 0 while
+    speculation delivers less, one exploring step every `explore_every` vetoes."""
+    policy = GoodputLength(explore_every=3)
+    policy.record_plain(8, 1.0)
+    policy.record_verify(8, 5, 1.0)  # verifying 5 tokens costs a plain step
+    alphas = [0.9] * 8
+    assert policy.choose_k(alphas, 4, batch=8) == 4 and not policy.probing
+    policy.record_tokens(8, True, 30, 1.0)
+    assert policy.choose_k(alphas, 4, batch=8) == 0 and policy.probing
+    policy.record_tokens(8, False, 100, 1.0)  # plain decoding delivered more
+    plans = [policy.choose_k(alphas, 4, batch=8) for _ in range(6)]
+    assert plans == [0, 0, 4, 0, 0, 4] and not policy.probing
+    for _ in range(10):
+        policy.record_tokens(8, True, 400, 1.0)  # speculation now delivers more
+    assert policy.choose_k(alphas, 4, batch=8) == 4
+    assert policy.choose_k(alphas, 4, batch=32) == 4  # another batch size: no data, no veto
+    unguarded = GoodputLength(guard=False)
+    unguarded.record_plain(8, 1.0)
+    unguarded.record_verify(8, 5, 1.0)
+    unguarded.record_tokens(8, True, 1, 1.0)
+    unguarded.record_tokens(8, False, 100, 1.0)
+    assert unguarded.choose_k(alphas, 4, batch=8) == 4
+    with pytest.raises(ValueError, match="explore_every"):
+        GoodputLength(explore_every=0)

@@ -17,6 +17,7 @@ from fastdecode.api import SpeculativeConfig
 from fastdecode.engine.runner import ModelRunner
 from fastdecode.engine.speculative import SpecTiming, run_speculative
 from fastdecode.spec.drafters.suffix import SuffixTree
+from fastdecode.spec.step_cost import StepCostModel
 
 PARAMS = SamplingParams(max_tokens=70, ignore_eos=True)
 PROMPTS = [TINY_PROMPTS[i] for i in (3, 17, 11, 19)]  # 22, 1, 21 and 12 tokens
@@ -177,3 +178,35 @@ def test_steps_that_capture_a_graph_are_not_timed(tiny_llm, plain, monkeypatch, 
         assert policy.timed == []
     else:
         assert {"verify", "plain"} <= set(policy.timed)
+
+
+def test_goodput_guard_measures_both_modes_in_the_loop(tiny_llm, plain, monkeypatch):
+    """The loop reports each step's (and burst's) realized tokens per second to the rule;
+    when speculation has been measured and plain decoding not, the next burst is the
+    guard's short probe (PROBE_STEPS plain steps)."""
+    import fastdecode.engine.speculative as spec_module
+    from fastdecode.spec.length import GoodputLength
+
+    events = []
+    original = spec_module.plain_burst
+
+    def spy(*args, **kwargs):
+        events.append(("burst", kwargs.get("max_steps")))
+        return original(*args, **kwargs)
+
+    class Logged(GoodputLength):
+        def record_tokens(self, batch, speculative, tokens, seconds):
+            events.append(("spec" if speculative else "plain", tokens))
+            super().record_tokens(batch, speculative, tokens, seconds)
+
+    monkeypatch.setattr(spec_module, "plain_burst", spy)
+    policy = Logged(cost=StepCostModel(table={(4, 1): 1.0, (4, 5): 1.0}))
+    monkeypatch.setattr(policy.acceptance, "update", lambda row, stats: 0.95)  # K = 4 wins
+    policy.realized.record(4, True, 10, 1.0)  # an earlier batch measured speculation only
+    spec = SpeculativeConfig("ngram", num_draft_tokens=4)
+    states, _, policy = speculate(tiny_llm, spec, PROMPTS, lambda _: policy)
+    assert [s.token_ids for s in states] == plain
+    assert events[0] == ("burst", spec_module.PROBE_STEPS)  # the probe comes first
+    assert events[1] == ("plain", spec_module.PROBE_STEPS * len(PROMPTS))
+    kinds = [kind for kind, _ in events]
+    assert "spec" in kinds or kinds.count("burst") > 1  # then the rule goes on deciding

@@ -70,6 +70,8 @@ def plain_burst(
     timing.verify_s += elapsed
     if captures() == captured:  # the first burst may capture the plain step's graph
         length_policy.record_plain(len(states), elapsed / max(1, launched))
+        if hasattr(length_policy, "record_tokens"):
+            length_policy.record_tokens(len(states), False, booker.tokens, elapsed)
     for b in active:
         timing.rows[b].verify_s += elapsed
     return booker
@@ -105,6 +107,7 @@ class PlainBooker:
         self.lengths, self.last, self.active = lengths, last, active
         self.owed: dict[int, list[int]] = {}  # row -> tokens the drafter has not seen
         self.ends = [len(s.token_ids) for s in states]  # output before the owed tokens
+        self.tokens = 0  # booked, over all rows
 
     def book(self, emitted: list[list[int]]) -> None:
         """Hand each row's plain-step tokens emitted[b] (one burst) to its request."""
@@ -120,6 +123,7 @@ class PlainBooker:
                 state.add(token)
                 owed.append(token)
                 count += 1
+            self.tokens += count
             if count:
                 self.timing.rows[b].record_plain(count)
                 self.lengths[b] += count

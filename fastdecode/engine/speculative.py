@@ -49,6 +49,7 @@ from fastdecode.spec.tree import DraftTree, pad_trees
 from fastdecode.spec.verify import Verdict, verify_batch
 
 RETIME_SHARE = 0.75  # fused cycle + goodput rule: time a plain step again at 3/4 of the rows
+PROBE_STEPS = 4  # plain steps the goodput rule's guard runs to measure plain decoding's rate
 
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy
@@ -112,6 +113,7 @@ def run_speculative(
         _time_plain_step(runner, cache, first, length_policy)
         plain_timed = batch
     timing.steps = 1
+    mark = time.perf_counter()  # before each yield: a step's price includes the consumer's work
     yield
 
     owed = None  # drafter updates of the last plain burst, handed over when next useful
@@ -120,7 +122,7 @@ def run_speculative(
     idle_clock = IdleClock(device)
     while not all(s.finished for s in states):
         # a step that captures a graph is not timed for the rule
-        step_start, captured = time.perf_counter(), captures()
+        step_start, captured = mark, captures()
         # -- draft ------------------------------------------------------------------------
         active = [b for b, s in enumerate(states) if not s.finished]
         budget = _plan(length_policy, active, timing.rows, num_draft_tokens, batch, fused)
@@ -140,11 +142,13 @@ def run_speculative(
             # A drafter that learns from the target's distributions (STAND) misses those of
             # the burst's tokens (it still indexes the tokens themselves): fewer statistics,
             # same output.
+            room = trash_slot(cache) - max(lengths) - 1
             owed = plain_burst(runner, prompts, states, drafter, timing, lengths, last,
-                               generators, length_policy, room=trash_slot(cache) - max(lengths) - 1,
-                               owed=owed, max_steps=1 if retime else None)  # fmt: skip
+                               generators, length_policy, room=room, owed=owed,
+                               max_steps=_plain_steps(length_policy, retime))  # fmt: skip
             plain_timed = len(active) if plain_timed else 0
             timing.decode_s = time.perf_counter() - start - timing.prefill_s
+            mark = time.perf_counter()
             yield
             continue
         if owed is not None:
@@ -189,6 +193,7 @@ def run_speculative(
 
         # -- emit -------------------------------------------------------------------------
         drafter.accept(contexts, [v if b in active else None for b, v in enumerate(verdicts)])
+        emitted_now = 0
         for b in active:
             state, verdict, tree = states[b], verdicts[b], trees[b]
             emitted = 0
@@ -204,19 +209,23 @@ def run_speculative(
                 length_policy.record_row(b, tree.max_depth, len(verdict.accepted))
             lengths[b] += 1 + len(verdict.accepted)
             last[b] = verdict.tokens[-1]
+            emitted_now += emitted
         if length_policy is not None and captures() == captured:
             # What the step cost beyond its drafting: the verify, the drafters' bookkeeping
             # (STAND's pull of the target's distributions, catching up after plain bursts)
             # and the host's loop. Plain bursts are timed whole too, so the rule weighs the
             # real price of a speculative step (with the verify alone timed, it chose
             # draft-model steps at batch 8 that lost 42% to plain decoding; spec_batch_h100).
-            step_s = time.perf_counter() - step_start - drafting_s
+            whole_s = time.perf_counter() - step_start
             if width:
-                length_policy.record_verify(batch, 1 + width, step_s)
+                length_policy.record_verify(batch, 1 + width, whole_s - drafting_s)
             else:
-                length_policy.record_plain(batch, step_s)
+                length_policy.record_plain(batch, whole_s - drafting_s)
+            if hasattr(length_policy, "record_tokens"):
+                length_policy.record_tokens(batch, bool(width), emitted_now, whole_s)
         timing.steps += 1
         timing.decode_s = time.perf_counter() - start - timing.prefill_s
+        mark = time.perf_counter()
         yield
 
     if owed is not None:  # e.g. the global suffix tree gets every request's whole output
@@ -258,6 +267,14 @@ class IdleClock:
         """Call after the step's host read (both events have completed)."""
         if begin is not None:
             self.gpu_s = begin.elapsed_time(self.end) / 1e3
+
+
+def _plain_steps(policy, retime: bool) -> int | None:
+    """How many plain steps the next burst may run: PROBE_STEPS when the rule probes plain
+    decoding's realized rate, one to re-time a plain step, else a full burst (None)."""
+    if getattr(policy, "probing", False):
+        return PROBE_STEPS
+    return 1 if retime else None
 
 
 def _time_plain_step(runner: ModelRunner, cache, tokens: list[int], policy) -> None:

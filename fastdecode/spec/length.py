@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from fastdecode.spec.realized import RealizedRates
 from fastdecode.spec.step_cost import StepCostModel
 
 
@@ -228,20 +229,40 @@ class GoodputLength:
 
     Rows are padded to one width, so the step time depends on the largest K only: one K for
     all rows is optimal. B is len(rows) unless `plan(..., batch=B)` says otherwise (e.g. when
-    finished rows still ride along in the forward)."""
+    finished rows still ride along in the forward).
+
+    The guard (`fastdecode.spec.realized`): the engine also reports the tokens per second
+    each mode delivered (`record_tokens`). Once speculation has run at a batch size and
+    plain decoding has not, the next plan is a short plain probe (`probing` is set: the
+    engine runs PROBE_STEPS plain steps); while speculation's realized rate is below plain
+    decoding's, the model's choice is overruled with K = 0, except every `explore_every`-th
+    time (one speculative step refreshes the measurement)."""
 
     def __init__(
         self,
         cost: StepCostModel | None = None,
         acceptance: AcceptanceEstimate | None = None,
         margin: float = 0.0,
+        guard: bool = True,
+        explore_every: int = 8,
     ):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
+        _check_k("explore_every", explore_every, minimum=1)
         self.cost = StepCostModel() if cost is None else cost
         self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
         self.margin = margin
+        self.guard = guard
+        self.explore_every = explore_every
+        self.realized = RealizedRates()
+        self.probing = False  # the last plan asks for a short plain probe
+        self._vetoes = 0
         self.last_goodput: dict[int, float] = {}  # K -> predicted tokens / s at the last plan
+
+    def record_tokens(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
+        """Tokens a step (or a plain burst) emitted over its whole wall time, the host's
+        loop and the consumer's work between steps included."""
+        self.realized.record(batch, speculative, tokens, seconds)
 
     def record_verify(self, batch: int, width: int, seconds: float) -> None:
         self.cost.record(batch, width, seconds)
@@ -268,7 +289,25 @@ class GoodputLength:
             goodput[k] = tokens / self.cost.step_time(batch, k)
         self.last_goodput = goodput
         best = max(goodput, key=lambda k: (goodput[k], -k))
-        return best if goodput[best] > goodput[0] * (1 + self.margin) else 0
+        best = best if goodput[best] > goodput[0] * (1 + self.margin) else 0
+        return self._guarded(best, batch)
+
+    def _guarded(self, k: int, batch: int) -> int:
+        """The model's K, unless realized throughput says otherwise (class docstring)."""
+        self.probing = False
+        if not self.guard or k == 0:
+            return k
+        spec, plain = self.realized.rate(batch, True), self.realized.rate(batch, False)
+        if spec is None:
+            return k
+        if plain is None:
+            self.probing = True
+            return 0
+        if spec >= plain * (1 + self.margin):
+            self._vetoes = 0
+            return k
+        self._vetoes += 1
+        return k if self._vetoes % self.explore_every == 0 else 0
 
     def plan(
         self,
