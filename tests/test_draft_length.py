@@ -253,7 +253,8 @@ def test_realized_rates_average_per_batch_and_mode():
 def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     """The model alone would speculate (free verification, high acceptance); realized rates
     overrule it: a plain probe once speculation has been measured alone, K = 0 while
-    speculation delivers less, one exploring step every `explore_every` vetoes."""
+    speculation delivers less, one exploring step after `explore_every` vetoes, then after
+    twice as many each time."""
     policy = GoodputLength(explore_every=3)
     policy.record_plain(8, 1.0)
     policy.record_verify(8, 5, 1.0)  # verifying 5 tokens costs a plain step
@@ -262,8 +263,9 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     policy.record_tokens(8, True, 30, 1.0)
     assert policy.choose_k(alphas, 4, batch=8) == 0 and policy.probing
     policy.record_tokens(8, False, 100, 1.0)  # plain decoding delivered more
-    plans = [policy.choose_k(alphas, 4, batch=8) for _ in range(6)]
-    assert plans == [0, 0, 4, 0, 0, 4] and not policy.probing
+    plans = [policy.choose_k(alphas, 4, batch=8) for _ in range(21)]
+    explored = [i for i, k in enumerate(plans) if k]
+    assert explored == [2, 8, 20] and not policy.probing  # after 3, then 6, then 12 vetoes
     for _ in range(10):
         policy.record_tokens(8, True, 400, 1.0)  # speculation now delivers more
     assert policy.choose_k(alphas, 4, batch=8) == 4
@@ -276,3 +278,5 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     assert unguarded.choose_k(alphas, 4, batch=8) == 4
     with pytest.raises(ValueError, match="explore_every"):
         GoodputLength(explore_every=0)
+    with pytest.raises(ValueError, match="max_explore_every"):
+        GoodputLength(explore_every=8, max_explore_every=4)

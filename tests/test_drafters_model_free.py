@@ -502,8 +502,21 @@ def test_stand_batch_observation_equals_per_row_observation():
     for drafter, context, tokens, p in zip(batched.drafters, contexts, emitted, probs, strict=True):
         alone = StandDrafter(top_k=5)
         alone.observe(context, tokens, p)
-        assert drafter.target.keys() == alone.target.keys()
-        for key, (sums, seen) in alone.target.items():
-            other, other_seen = drafter.target[key]
-            assert other_seen == seen and other.keys() == sums.keys()
-            assert all(abs(other[t] - v) < 1e-6 for t, v in sums.items())
+        assert_same_tables(drafter, alone)
+    # the prefill's distributions, at `begin`: one pass too
+    logits = torch.randn(3, 40, generator=gen)
+    params = [SamplingParams(temperature=0)] * 3
+    batched.begin(contexts, params, [None] * 3, [3, 1, 2], logits)
+    for b, drafter in enumerate(batched.drafters):
+        alone = StandDrafter(top_k=5)
+        alone.configure(params[b])
+        alone.observe(contexts[b], [[3, 1, 2][b]], logits[b : b + 1].softmax(-1))
+        assert_same_tables(drafter, alone)
+
+
+def assert_same_tables(drafter: StandDrafter, alone: StandDrafter) -> None:
+    assert drafter.target.keys() == alone.target.keys()
+    for key, (sums, seen) in alone.target.items():
+        other, other_seen = drafter.target[key]
+        assert other_seen == seen and other.keys() == sums.keys()
+        assert all(abs(other[t] - v) < 1e-6 for t, v in sums.items())

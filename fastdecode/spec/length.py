@@ -235,8 +235,10 @@ class GoodputLength:
     each mode delivered (`record_tokens`). Once speculation has run at a batch size and
     plain decoding has not, the next plan is a short plain probe (`probing` is set: the
     engine runs PROBE_STEPS plain steps); while speculation's realized rate is below plain
-    decoding's, the model's choice is overruled with K = 0, except every `explore_every`-th
-    time (one speculative step refreshes the measurement)."""
+    decoding's, the model's choice is overruled with K = 0, except for one exploring
+    speculative step after `explore_every` vetoes, then after twice as many each time it
+    loses again (up to `max_explore_every`): exploring is not free (a batch of 32 first
+    proposals indexes their prompts), so a rule that keeps losing asks ever more rarely."""
 
     def __init__(
         self,
@@ -245,15 +247,19 @@ class GoodputLength:
         margin: float = 0.0,
         guard: bool = True,
         explore_every: int = 8,
+        max_explore_every: int = 256,
     ):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         _check_k("explore_every", explore_every, minimum=1)
+        _check_k("max_explore_every", max_explore_every, minimum=explore_every)
         self.cost = StepCostModel() if cost is None else cost
         self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
         self.margin = margin
         self.guard = guard
         self.explore_every = explore_every
+        self.max_explore_every = max_explore_every
+        self._interval = explore_every  # vetoes before the next exploring step
         self.realized = RealizedRates()
         self.probing = False  # the last plan asks for a short plain probe
         self._vetoes = 0
@@ -304,10 +310,14 @@ class GoodputLength:
             self.probing = True
             return 0
         if spec >= plain * (1 + self.margin):
-            self._vetoes = 0
+            self._vetoes, self._interval = 0, self.explore_every
             return k
         self._vetoes += 1
-        return k if self._vetoes % self.explore_every == 0 else 0
+        if self._vetoes < self._interval:
+            return 0
+        self._vetoes = 0  # explore once; if it loses again, wait twice as long
+        self._interval = min(2 * self._interval, self.max_explore_every)
+        return k
 
     def plan(
         self,

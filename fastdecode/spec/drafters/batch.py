@@ -67,13 +67,17 @@ class PerRowDrafters:
                 drafter.eager_prompt = share
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:
+        observing = [b for b in range(len(self.drafters)) if self.want_probs[b]]
+        probs = [target_probs(prefill_logits[b : b + 1], params[b]) for b in observing]
+        tops = self._top_k(probs, observing)  # every row's in one pass (STAND)
         for b, (drafter, p) in enumerate(zip(self.drafters, params, strict=True)):
             drafter.reset()
             if hasattr(drafter, "configure"):
                 drafter.configure(p)
-            if self.want_probs[b]:
-                probs = target_probs(prefill_logits[b : b + 1], p)
-                drafter.observe(prompts[b], [first[b]], probs)
+            if b in tops:
+                drafter.observe_top(prompts[b], [first[b]], *tops[b])
+            elif self.want_probs[b]:
+                drafter.observe(prompts[b], [first[b]], probs[observing.index(b)])
             drafter.update([first[b]])
 
     def propose(self, contexts, rooms, lengths) -> list[DraftTree]:

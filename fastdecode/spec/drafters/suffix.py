@@ -49,8 +49,8 @@ from collections.abc import Sequence
 
 from fastdecode.spec.tree import DraftTree
 
-EAGER_PROMPT = 2048  # prompt tokens (the most recent) a batch indexes before its first proposal
-EAGER_MIN = 64  # ... but at least these per request (its most recent context)
+EAGER_PROMPT = 512  # prompt tokens (the most recent) a batch indexes before its first proposal
+EAGER_MIN = 16  # ... but at least these per request (its most recent context)
 IDLE_CHUNK = 64  # backlog tokens indexed between two looks at the clock
 
 
