@@ -47,7 +47,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "rejections; goodput: SmartSpec's batch-aware rule, predicts step time from "
         "measured timings and picks the K with the most tokens/s, down to K=0 (plain "
         "decoding) when the batch is large enough that verification stops being nearly "
-        "free (default: fixed)",
+        "free, and decodes plainly while speculation's measured tokens/s stay below plain "
+        "decoding's (default: fixed)",
     )
     sd.add_argument(
         "--tree",
