@@ -268,6 +268,10 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     assert explored == [2, 8, 20] and not policy.probing  # after 3, then 6, then 12 vetoes
     for _ in range(10):
         policy.record_tokens(8, True, 400, 1.0)  # speculation now delivers more
+    plans = [policy.choose_k(alphas, 4, batch=8) for _ in range(policy.refresh_every + 1)]
+    assert plans[:-1] == [4] * policy.refresh_every  # ... until plain's rate is stale:
+    assert plans[-1] == 0 and policy.probing  # a probe refreshes it
+    policy.record_tokens(8, False, 100, 1.0)
     assert policy.choose_k(alphas, 4, batch=8) == 4
     assert policy.choose_k(alphas, 4, batch=32) == 4  # another batch size: no data, no veto
     unguarded = GoodputLength(guard=False)
@@ -278,5 +282,7 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     assert unguarded.choose_k(alphas, 4, batch=8) == 4
     with pytest.raises(ValueError, match="explore_every"):
         GoodputLength(explore_every=0)
+    with pytest.raises(ValueError, match="refresh_every"):
+        GoodputLength(refresh_every=0)
     with pytest.raises(ValueError, match="max_explore_every"):
         GoodputLength(explore_every=8, max_explore_every=4)

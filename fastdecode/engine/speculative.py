@@ -49,7 +49,9 @@ from fastdecode.spec.tree import DraftTree, pad_trees
 from fastdecode.spec.verify import Verdict, verify_batch
 
 RETIME_SHARE = 0.75  # fused cycle + goodput rule: time a plain step again at 3/4 of the rows
-PROBE_STEPS = 4  # plain steps the goodput rule's guard runs to measure plain decoding's rate
+PROBE_STEPS = 8  # plain steps the goodput rule's guard runs to measure plain decoding's rate
+# (a probe pays one host sync and books its tokens with the GPU idle: short probes
+# understate plain decoding's rate, and a low plain rate never vetoes speculation)
 
 if TYPE_CHECKING:
     from fastdecode.spec.length import DraftLengthPolicy

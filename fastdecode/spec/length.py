@@ -233,12 +233,14 @@ class GoodputLength:
 
     The guard (`fastdecode.spec.realized`): the engine also reports the tokens per second
     each mode delivered (`record_tokens`). Once speculation has run at a batch size and
-    plain decoding has not, the next plan is a short plain probe (`probing` is set: the
-    engine runs PROBE_STEPS plain steps); while speculation's realized rate is below plain
-    decoding's, the model's choice is overruled with K = 0, except for one exploring
-    speculative step after `explore_every` vetoes, then after twice as many each time it
-    loses again (up to `max_explore_every`): exploring is not free (a batch of 32 first
-    proposals indexes their prompts), so a rule that keeps losing asks ever more rarely."""
+    plain decoding has not -- or not in the last `refresh_every` speculative plans (a stale
+    plain rate never contradicts speculation) -- the next plan is a short plain probe
+    (`probing` is set: the engine runs PROBE_STEPS plain steps); while speculation's
+    realized rate is below plain decoding's, the model's choice is overruled with K = 0,
+    except for one exploring speculative step after `explore_every` vetoes, then after
+    twice as many each time it loses again (up to `max_explore_every`): exploring is not
+    free (a batch of 32 first proposals indexes their prompts), so a rule that keeps
+    losing asks ever more rarely."""
 
     def __init__(
         self,
@@ -248,11 +250,13 @@ class GoodputLength:
         guard: bool = True,
         explore_every: int = 8,
         max_explore_every: int = 256,
+        refresh_every: int = 64,
     ):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         _check_k("explore_every", explore_every, minimum=1)
         _check_k("max_explore_every", max_explore_every, minimum=explore_every)
+        _check_k("refresh_every", refresh_every, minimum=1)
         self.cost = StepCostModel() if cost is None else cost
         self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
         self.margin = margin
@@ -260,6 +264,8 @@ class GoodputLength:
         self.explore_every = explore_every
         self.max_explore_every = max_explore_every
         self._interval = explore_every  # vetoes before the next exploring step
+        self.refresh_every = refresh_every
+        self._since_plain: dict[int, int] = {}  # batch -> speculative plans since plain ran
         self.realized = RealizedRates()
         self.probing = False  # the last plan asks for a short plain probe
         self._vetoes = 0
@@ -269,6 +275,8 @@ class GoodputLength:
         """Tokens a step (or a plain burst) emitted over its whole wall time, the host's
         loop and the consumer's work between steps included."""
         self.realized.record(batch, speculative, tokens, seconds)
+        if not speculative:
+            self._since_plain[batch] = 0
 
     def record_verify(self, batch: int, width: int, seconds: float) -> None:
         self.cost.record(batch, width, seconds)
@@ -306,11 +314,12 @@ class GoodputLength:
         spec, plain = self.realized.rate(batch, True), self.realized.rate(batch, False)
         if spec is None:
             return k
-        if plain is None:
+        if plain is None or self._since_plain.get(batch, 0) >= self.refresh_every:
             self.probing = True
             return 0
         if spec >= plain * (1 + self.margin):
             self._vetoes, self._interval = 0, self.explore_every
+            self._since_plain[batch] = self._since_plain.get(batch, 0) + 1
             return k
         self._vetoes += 1
         if self._vetoes < self._interval:
