@@ -108,8 +108,9 @@ def run_speculative(
     drafter.begin(prompts, params, generators, first, prefill_logits)
     # rows decoding when a plain step was last timed (0: no re-timing). With the fused
     # cycle the rule sees plain steps only through these timings; as rows finish (and ride
-    # at slot 0) plain steps get cheaper, and a stale price kept the cycle running through
-    # the slow rows' tail (TriForce at 32K x 32: 109 steps for 128 tokens, 0.95x plain).
+    # at slot 0) plain steps get cheaper, and a stale price can keep the cycle running
+    # through the slow rows' tail (suspected in TriForce at 32K x 32: 109 steps for 128
+    # tokens, 0.95x plain).
     plain_timed = 0
     if fused is not None and length_policy is not None:
         _time_plain_step(runner, cache, first, length_policy)
