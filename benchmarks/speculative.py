@@ -122,6 +122,7 @@ class Measured:
     steps: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    plain_steps: int = 0
     proposed: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)
@@ -146,6 +147,7 @@ def run_workload(llm: LLM, sessions, params, spec, batch: int) -> Measured:
                 m.outputs.append(r.token_ids)
                 if "tau" in r.metrics:
                     m.steps += r.metrics["spec_steps"]
+                    m.plain_steps += r.metrics["plain_steps"]
                     m.draft_s += r.metrics["draft_s"]
                     m.verify_s += r.metrics["verify_s"]
                     m.proposed.append(r.metrics["draft_tokens"])
@@ -207,6 +209,7 @@ def bench_rows(llm, model_name, workloads, table, params, batch, section, args, 
             if m.steps:
                 row["tau"] = round((m.tokens - len(m.outputs)) / m.steps + 0, 3)
                 row["acceptance"] = round(sum(m.accepted) / max(1, sum(m.proposed)), 3)
+                row["plain_step_share"] = round(m.plain_steps / m.steps, 3)
                 if batch == 1:  # rows share batched steps: per-step times only for batch 1
                     row["draft_ms_per_step"] = round(m.draft_s / m.steps * 1e3, 3)
                     row["verify_ms_per_step"] = round(m.verify_s / m.steps * 1e3, 3)
@@ -287,7 +290,8 @@ def bench_hf(llm, args, workloads, rows, out) -> None:
 # -- report ---------------------------------------------------------------------------------------
 COLUMNS = [
     "section", "model", "workload", "method", "batch", "temperature", "tokens_per_s",
-    "speedup_vs_plain", "decode_speedup_vs_plain", "tau", "acceptance", "draft_ms_per_step",
+    "speedup_vs_plain", "decode_speedup_vs_plain", "tau", "acceptance", "plain_step_share",
+    "draft_ms_per_step",
     "verify_ms_per_step",
     "ttft_ms_mean", "greedy_identical_fraction", "speedup_vs_best_hf_assisted",
 ]  # fmt: skip
@@ -300,6 +304,7 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         f"{args.repeats} measured run(s) after a warm-up; decode_speedup_vs_plain: the same "
         "over decode time only (wall time less the prefill, which every method shares: long "
         "agent prompts make it a large part of the wall time); tau: tokens per target step; "
+        "plain_step_share: the target steps that were plain K = 0 bursts (goodput rule); "
         "draft/verify ms per step: batch wall time of drafting / verifying per step.",
     )  # fmt: skip
     try:

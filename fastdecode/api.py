@@ -268,6 +268,7 @@ class LLM:
             metrics.update(
                 tau=stats.tau,
                 spec_steps=stats.steps,
+                plain_steps=stats.plain_steps,  # of spec_steps: K = 0 bursts
                 draft_tokens=sum(stats.proposed),
                 accepted_tokens=sum(stats.accepted),
                 acceptance_per_position=stats.acceptance,

@@ -210,3 +210,25 @@ def test_goodput_guard_measures_both_modes_in_the_loop(tiny_llm, plain, monkeypa
     assert events[1] == ("plain", spec_module.PROBE_STEPS * len(PROMPTS))
     kinds = [kind for kind, _ in events]
     assert "spec" in kinds or kinds.count("burst") > 1  # then the rule goes on deciding
+
+
+def test_stats_count_the_plain_steps_of_bursts(tiny_llm, plain):
+    """Rows' records say how many of their target steps were plain (K = 0 bursts): all of
+    them when speculation stays off, fewer when it alternates; the API reports them."""
+    spec = SpeculativeConfig(method="ngram", num_draft_tokens=4)
+    for phases, all_plain in (((1, 0), True), ((1, 2), False)):
+        states = tiny_llm._new_states([PARAMS] * len(PROMPTS))
+        timing = SpecTiming()
+        drafter = spec.batch_drafter(tiny_llm.runner, tiny_llm.tokenizer, len(PROMPTS))
+        steps = run_speculative(
+            tiny_llm.runner, PROMPTS, states, timing, drafter, 4, Phases(*phases)
+        )
+        for _ in steps:
+            pass
+        assert [s.token_ids for s in states] == plain
+        for row in timing.rows:
+            assert 0 < row.plain_steps <= row.steps
+            assert (row.plain_steps == row.steps) == all_plain
+    config = SpeculativeConfig(method="ngram", num_draft_tokens=4, draft_length="goodput")
+    result = tiny_llm.generate(PROMPTS[0], PARAMS, speculative_config=config)[0]
+    assert 0 <= result.metrics["plain_steps"] <= result.metrics["spec_steps"]

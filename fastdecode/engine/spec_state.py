@@ -22,7 +22,8 @@ class SpecStats:
     took part in (the batch shares them). cache_length: slots of the request in the cache
     that hold accepted tokens (all but the last emitted token). unproposed: verify steps
     where the row had room to draft but its drafter proposed nothing (SuffixDecoding with
-    no match): the goodput rule counts them as rejected drafts.
+    no match): the goodput rule counts them as rejected drafts. plain_steps: the steps
+    (among `steps`) that were plain decoding in a K = 0 burst.
     """
 
     steps: int = 0
@@ -33,6 +34,7 @@ class SpecStats:
     verify_s: float = 0.0
     cache_length: int = 0
     unproposed: int = 0
+    plain_steps: int = 0
 
     @property
     def tau(self) -> float:
@@ -64,6 +66,7 @@ class SpecStats:
         """`steps` plain decode steps of one token each (a K = 0 burst), in one call."""
         self.steps += steps
         self.emitted += steps
+        self.plain_steps += steps
 
 
 @dataclass

@@ -222,10 +222,12 @@ def run_speculative(
             whole_s = time.perf_counter() - step_start
             if width:
                 length_policy.record_verify(batch, 1 + width, whole_s - drafting_s)
-            else:
+            elif not any(rooms):  # a plain step outside a burst (no row had room to draft)
                 length_policy.record_plain(batch, whole_s - drafting_s)
+            # a step that asked for drafts and got none is speculation's cost, not plain's
             if hasattr(length_policy, "record_tokens"):
-                length_policy.record_tokens(batch, bool(width), emitted_now, whole_s)
+                speculating = bool(width) or any(rooms)
+                length_policy.record_tokens(batch, speculating, emitted_now, whole_s)
         timing.steps += 1
         timing.decode_s = time.perf_counter() - start - timing.prefill_s
         mark = time.perf_counter()
