@@ -174,6 +174,7 @@ def run_one(
         row["tau_median"] = round(statistics.median(taus), 3)
         row["steps"] = timing.steps  # from the start: the prefill's step + every verify step
         row["ideal_steps"] = math.ceil(new_tokens / mean_tau) if mean_tau else None
+        row["cycles"] = timing.fused_steps  # TriForce's one-graph cycles among the steps
     outputs = [s.token_ids for s in states]
     if full_outputs is not None:
         same = sum(a == b for a, b in zip(outputs, full_outputs, strict=True))
@@ -209,7 +210,7 @@ COLUMNS = [
     "context", "batch", "method", "ms_per_output_step", "decode_tokens_per_s",
     "speedup_vs_full", "full_batch_speedup", "ttft_ms", "kv_MiB", "kv_ratio_vs_full",
     "decode_peak_GiB", "max_batch_estimate", "tau", "tau_min", "tau_median", "steps", "ideal_steps",
-    "identical_to_full_fraction",
+    "cycles", "identical_to_full_fraction",
 ]  # fmt: skip
 
 
@@ -226,9 +227,10 @@ def write_report(rows: list[dict], args) -> None:
         "per verify step, tau_min / tau_median its lowest / median row; the batch is static, "
         "so it steps until its slowest row is done (finished rows ride along): steps (the "
         "batch's, the prefill's included) follows tau_min, against ideal_steps = "
-        "ceil(new_tokens / mean tau). full_batch_speedup: decode tok/s over the steps that "
-        "began with every row still decoding (what a continuous-batching server, refilling "
-        "finished rows, sustains) against full attention's.",
+        "ceil(new_tokens / mean tau); cycles: the steps that were TriForce's one-graph "
+        "draft + verify cycle (the rest: plain steps). full_batch_speedup: decode tok/s "
+        "over the steps that began with every row still decoding (what a continuous-"
+        "batching server, refilling finished rows, sustains) against full attention's.",
         details=(args.model,),
     )  # fmt: skip
 
