@@ -228,6 +228,8 @@ def _format_stats(result) -> str:
         spec = f"τ {m['tau']:.2f} tokens/step, accepted {accepted}/{proposed} drafts"
         if m.get("acceptance_per_position"):
             spec += f", acc {_acceptance(m['acceptance_per_position'])}"
+        if m.get("plain_steps"):  # the draft-length rule turned speculation off for these
+            spec += f", {int(m['plain_steps'])}/{int(m.get('spec_steps', 0))} steps plain"
         spec += " | "
         if m.get("fused_steps"):  # TriForce's greedy cycle: draft and verify in one graph
             spec += f"draft + verify {_seconds(m.get('verify_s', 0.0))} (one device pass) | "

@@ -551,6 +551,9 @@ def test_stats_line_speculative() -> None:
     fused = dict(metrics, fused_steps=4)  # TriForce's one-graph cycle: no separate draft time
     line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", fused))
     assert "| draft + verify 1.25 s (one device pass) |" in line and "draft 42 ms" not in line
+    ruled = dict(metrics, spec_steps=6, plain_steps=3)  # the goodput rule's K = 0 bursts
+    line = cli._format_stats(GenerationResult("p", [1], "x", [5] * 9, "length", ruled))
+    assert "acc 0.82/0.61/0.40, 3/6 steps plain | draft 42 ms" in line
 
 
 @pytest.mark.slow
