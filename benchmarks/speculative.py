@@ -302,8 +302,8 @@ def write_report(rows: list[dict], out: Path, args) -> None:
         out, args.name, "Speculative decoding benchmark", rows, COLUMNS,
         f"tokens_per_s: generated tokens / wall time including prefill, the median of "
         f"{args.repeats} measured run(s) after a warm-up; decode_speedup_vs_plain: the same "
-        "over decode time only (wall time less the prefill, which every method shares: long "
-        "agent prompts make it a large part of the wall time); tau: tokens per target step; "
+        "over decode time only (wall time less the prefill, which every method shares); tau: "
+        "tokens per target step; "
         "plain_step_share: the target steps that were plain K = 0 bursts (goodput rule); "
         "draft/verify ms per step: batch wall time of drafting / verifying per step.",
     )  # fmt: skip
