@@ -312,9 +312,8 @@ def _plan(
         return {b: max_k for b in active}
     stats = [rows[b] for b in active]
     if hasattr(policy, "choose_k"):  # batch-aware: finished rows still ride in the forward
-        if fused is None:
-            return policy.plan(active, stats, max_k, batch=batch)
-        return policy.plan(active, stats, max_k, batch=batch, candidates=(0, max_k))
+        candidates = None if fused is None else (0, max_k)  # the fused cycle: K or plain
+        return policy.plan(active, stats, max_k, batch=batch, candidates=candidates)
     return policy.plan(active, stats, max_k)
 
 

@@ -21,15 +21,12 @@ graph per depth would capture again as requests near their end, in the middle of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 
 from fastdecode.engine.graphed import CapturedGraphs, capture_graph, trash_slot
 from fastdecode.engine.host_copy import to_device
 from fastdecode.kv.tree_mask import TreeMask
-
-DraftStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # tokens, positions [B]
 
 
 class FusedChainCycle(CapturedGraphs):

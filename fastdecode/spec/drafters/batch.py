@@ -68,8 +68,8 @@ class PerRowDrafters:
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:
         observing = [b for b in range(len(self.drafters)) if self.want_probs[b]]
-        probs = [target_probs(prefill_logits[b : b + 1], params[b]) for b in observing]
-        tops = self._top_k(probs, observing)  # every row's in one pass (STAND)
+        probs = {b: target_probs(prefill_logits[b : b + 1], params[b]) for b in observing}
+        tops = self._top_k(list(probs.values()), observing)  # every row's in one pass (STAND)
         for b, (drafter, p) in enumerate(zip(self.drafters, params, strict=True)):
             drafter.reset()
             if hasattr(drafter, "configure"):
@@ -77,7 +77,7 @@ class PerRowDrafters:
             if b in tops:
                 drafter.observe_top(prompts[b], [first[b]], *tops[b])
             elif self.want_probs[b]:
-                drafter.observe(prompts[b], [first[b]], probs[observing.index(b)])
+                drafter.observe(prompts[b], [first[b]], probs[b])
             drafter.update([first[b]])
 
     def propose(self, contexts, rooms, lengths) -> list[DraftTree]:
