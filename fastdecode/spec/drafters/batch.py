@@ -16,7 +16,7 @@ import torch
 
 from fastdecode.params import SamplingParams
 from fastdecode.spec.drafters.base import Drafter
-from fastdecode.spec.drafters.suffix import EAGER_MIN, EAGER_PROMPT
+from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT
 from fastdecode.spec.tree import DraftTree
 from fastdecode.spec.verify import Verdict, target_probs
 

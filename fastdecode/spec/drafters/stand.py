@@ -42,12 +42,13 @@ from collections.abc import Sequence
 import torch
 
 from fastdecode.params import SamplingParams
+from fastdecode.spec.drafters.prompt_backlog import PromptBacklog
 from fastdecode.spec.tree import DraftTree
 
 _SEED_SALT = 0x5DEECE66D  # draft stream != the verifier's stream of the same seed
 
 
-class StandDrafter:
+class StandDrafter(PromptBacklog):
     """max_ngram / min_ngram: context lengths of the tables; top_k: probabilities kept per
     observed target distribution; width: siblings at the root (sampling) or candidates per
     node (greedy tree); min_prob: smallest path probability of a greedy tree node;
@@ -93,7 +94,9 @@ class StandDrafter:
     def reset(self) -> None:
         self.target: dict[tuple[int, ...], tuple[dict[int, float], int]] = {}
         self.counts: dict[tuple[int, ...], dict[int, int]] = {}
-        self._indexed = 0  # context tokens already in the count table
+        self._indexed = 0  # context tokens counted in order (0: before the first proposal)
+        self._tail: list[int] = []  # their last max_ngram tokens
+        self._reset_backlog()
         self.index_s = 0.0  # of the last propose: indexing new context, not drafting
 
     def configure(self, params: SamplingParams) -> None:
@@ -140,19 +143,51 @@ class StandDrafter:
             tail = (tail + [int(tokens[j])])[-self.max_ngram :]
 
     def update(self, accepted: list[int]) -> None:
-        pass  # the count table is filled from the context in propose
+        """Count the emitted tokens now: after plain bursts this runs while the GPU decodes
+        the next burst (plain_burst's pipelining), not in front of the next proposal."""
+        if self._indexed and accepted:
+            self._count_tokens(accepted)
 
     # -- statistics -----------------------------------------------------------------------
-    def _index(self, context: list[int]) -> None:
-        if len(context) < self._indexed:  # a shorter context (no reset): keep the tables
-            self._indexed = len(context)
+    def _count_tokens(self, tokens: Sequence[int]) -> None:
+        """Add `tokens`, which continue the counted context, to the count table."""
         if self.use_prompt:
-            for i in range(max(self._indexed, 1), len(context)):
-                nxt = context[i]
-                for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
-                    row = self.counts.setdefault(tuple(context[i - n : i]), {})
+            tail, counts = self._tail, self.counts
+            for nxt in tokens:
+                for n in range(self.min_ngram, min(self.max_ngram, len(tail)) + 1):
+                    row = counts.setdefault(tuple(tail[-n:]), {})
                     row[nxt] = row.get(nxt, 0) + 1
-        self._indexed = len(context)
+                tail.append(nxt)
+                if len(tail) > self.max_ngram:
+                    del tail[0]
+        self._indexed += len(tokens)
+
+    def _index_backlog(self, lo: int, hi: int) -> None:
+        """Count positions lo..hi-1 of the deferred prompt head (keys read from it)."""
+        if not self.use_prompt:
+            return
+        seq = self._backlog
+        for i in range(max(lo, 1), hi):
+            nxt = seq[i]
+            for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
+                row = self.counts.setdefault(tuple(seq[i - n : i]), {})
+                row[nxt] = row.get(nxt, 0) + 1
+
+    def _index(self, context: Sequence[int]) -> None:
+        """Catch the count table up with `context`: at a first proposal its last
+        `eager_prompt` tokens (the older part is a backlog for idle time); later whatever
+        `update` did not hand over (normally nothing)."""
+        if self._indexed == 0:
+            start = self._defer(context)
+            self._tail = list(context[max(0, start - self.max_ngram) : start])
+            self._count_tokens(context[start:])
+            self._indexed = len(context)
+        elif len(context) > self._indexed:
+            self._tail = list(context[max(0, self._indexed - self.max_ngram) : self._indexed])
+            self._count_tokens(context[self._indexed :])
+        elif len(context) < self._indexed:  # a shorter context (no reset): keep the tables
+            self._indexed = len(context)
+            self._tail = list(context[-self.max_ngram :])
 
     def distribution(self, tail: list[int]) -> dict[int, float] | None:
         """The stored next-token distribution after a context ending in `tail` (token ->

@@ -47,11 +47,11 @@ import itertools
 import time
 from collections.abc import Sequence
 
+from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT, PromptBacklog
 from fastdecode.spec.tree import DraftTree
 
-EAGER_PROMPT = 512  # prompt tokens (the most recent) a batch indexes before its first proposal
-EAGER_MIN = 16  # ... but at least these per request (its most recent context)
-IDLE_CHUNK = 64  # backlog tokens indexed between two looks at the clock
+__all__ = ["EAGER_MIN", "EAGER_PROMPT", "SuffixDrafter", "SuffixTree"]
+
 
 
 class SuffixTree:
@@ -179,7 +179,7 @@ class SuffixTree:
         return tokens, parents, probs
 
 
-class SuffixDrafter:
+class SuffixDrafter(PromptBacklog):
     """SuffixDecoding: see the module docstring for the algorithm and its constants.
 
     max_depth: depth of the suffix tries; max_match: longest suffix of the context matched
@@ -230,7 +230,7 @@ class SuffixDrafter:
         self.use_global = bool(use_global)
         self.global_tree = global_tree if global_tree is not None else SuffixTree(max_depth)
         self.max_global_nodes = max_global_nodes
-        self.eager_prompt = EAGER_PROMPT  # PerRowDrafters shares EAGER_PROMPT by the batch
+        self.eager_prompt = EAGER_PROMPT  # PerRowDrafters shares it by the batch
         self.reset()
 
     @staticmethod
@@ -242,9 +242,8 @@ class SuffixDrafter:
         self.local = SuffixTree(self.max_depth)
         self._local_seq = self.local.new_sequence()
         self._indexed = 0  # context tokens already in the local tree
-        self._backlog: list[int] = []  # a long prompt's older part, indexed in idle time
+        self._reset_backlog()
         self._backlog_seq = self.local.new_sequence()
-        self._backlog_done = 0
         self._global_seq: int | None = None
         self.index_s = 0.0  # of the last propose: indexing new context, not drafting
 
@@ -271,33 +270,15 @@ class SuffixDrafter:
         )
         return sum(probs), tokens, parents
 
-    def idle(self, seconds: float) -> None:
-        """Index the prompt's backlog for about `seconds` (the loop calls this while the GPU
-        verifies, when the host would only wait for it)."""
-        start = time.perf_counter()
-        while self._backlog_done < len(self._backlog):
-            chunk = self._backlog[self._backlog_done : self._backlog_done + IDLE_CHUNK]
-            self.local.extend(self._backlog_seq, chunk)
-            self._backlog_done += len(chunk)
-            if time.perf_counter() - start >= seconds:
-                break
-
-    @property
-    def backlog(self) -> int:
-        """Prompt tokens not indexed yet."""
-        return len(self._backlog) - self._backlog_done
+    def _index_backlog(self, lo: int, hi: int) -> None:
+        self.local.extend(self._backlog_seq, self._backlog[lo:hi])
 
     def propose(self, context: list[int], max_nodes: int) -> DraftTree:
         start = time.perf_counter()
         if len(context) < self._indexed:  # a new context without reset: start over
             self.reset()
-        if self._indexed == 0 and len(context) > self.eager_prompt:
-            # Indexing costs 10-40 us per token in Python: a 30K-token prompt would hold up
-            # the first step for a second, and a batch of 32 code prompts for ~50 ms (12% of
-            # its whole decode). The last `eager_prompt` tokens are indexed now; the older
-            # part is its own sequence, indexed in the loop's idle time (`idle`).
-            self._indexed = len(context) - self.eager_prompt
-            self._backlog = context[: self._indexed]
+        if self._indexed == 0:  # the older part: its own sequence, indexed in idle time
+            self._indexed = self._defer(context)
         self.local.extend(self._local_seq, context[self._indexed :])
         self._indexed = len(context)
         self.index_s = time.perf_counter() - start  # not drafting: the goodput rule skips it
