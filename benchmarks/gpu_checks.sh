@@ -10,7 +10,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD
 python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_fused_selective.py \
-  tests/test_kv_select.py tests/test_kv_quant.py >"$out/gpu_tests.txt" 2>&1
+  tests/test_kv_select.py tests/test_kv_quant.py tests/test_graphed_verify_cuda.py >"$out/gpu_tests.txt" 2>&1
 tail -1 "$out/gpu_tests.txt"; grep FAILED "$out/gpu_tests.txt" | head
 timeout 120 python benchmarks/kv_tree.py --out "$out" --name kv_tree 2>&1 | tail -6
 timeout 120 python benchmarks/kv_gathered.py --out "$out" --name kv_gathered 2>&1 | tail -4

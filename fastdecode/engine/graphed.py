@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdecode.engine.host_copy import to_device
 from fastdecode.kv.tree_mask import TreeMask
 
 WIDTH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -123,25 +124,45 @@ class GraphedForward(CapturedGraphs):
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """tokens, positions, slots [B, T]; mask [B, 1, T, capacity] or a `TreeMask` (a verify
-        step) -> logits [B, T, V]."""
+        step) -> logits [B, T, V]. Inputs may be on the host (a `TreeMask` verify step): they
+        are padded there and sent in two copies (one of the long tensors, packed, one of the
+        mask), not built with ~20 small kernels on the device (0.4-0.6 ms of host time per
+        verify step at batch 1, with the GPU idle: a third of a plain step)."""
         if not self.enabled:
-            return self._forward(tokens, positions, slots, mask)
+            return self._forward(*self._on_device(tokens, positions, slots, mask))
         batch, width = tokens.shape
         padded = bucket(width)
         block = bucket(mask.local.shape[2]) if isinstance(mask, TreeMask) else 0
         padded_inputs = self._pad(tokens, positions, slots, mask, padded, block)
         captured = self._graph(
             (batch, padded, block),
-            lambda pool: self._capture(pool, *padded_inputs),
+            lambda pool: self._capture(pool, *self._on_device(*padded_inputs)),
             f"a {batch}x{padded} forward",
         )
         if captured is None:
-            return self._forward(tokens, positions, slots, mask)
-        graph, inputs, logits = captured
-        for static, value in zip(_flat(inputs), _flat(padded_inputs), strict=True):
-            static.copy_(value, non_blocking=True)
+            return self._forward(*self._on_device(tokens, positions, slots, mask))
+        graph, inputs, logits, packed = captured
+        values = _flat(padded_inputs)
+        if values[0].device.type == "cpu" and packed is not None:
+            longs = torch.cat([v.reshape(-1) for v in values if v.dtype == torch.long])
+            packed.copy_(longs.pin_memory(), non_blocking=True)
+            for static, value in zip(_flat(inputs), values, strict=True):
+                if value.dtype != torch.long:
+                    static.copy_(value.pin_memory(), non_blocking=True)
+        else:
+            for static, value in zip(_flat(inputs), values, strict=True):
+                static.copy_(value, non_blocking=True)
         graph.replay()
         return logits[:, :width]
+
+    def _on_device(self, tokens, positions, slots, mask):
+        """The inputs on the model's device (pinned, asynchronous copies from the host)."""
+        device = self.model.device
+        if tokens.device == device:
+            return tokens, positions, slots, mask
+        move = lambda t: to_device(t, device)  # noqa: E731
+        mask = TreeMask(*map(move, mask)) if isinstance(mask, TreeMask) else move(mask)
+        return move(tokens), move(positions), move(slots), mask
 
     def prepare(self, batch: int, max_width: int) -> None:
         """Capture the verify graphs of every width bucket up to `max_width` now, so that a
@@ -176,10 +197,10 @@ class GraphedForward(CapturedGraphs):
         )  # fmt: skip
 
     def _pad(self, tokens, positions, slots, mask, width: int, block: int):
-        """Inputs padded to the graph's width: extra columns write the trash slot and see only
-        it (a dense mask) or the prefix and the block's first slot (`TreeMask.padded`)."""
-        device = self.model.device
-        tokens, positions, slots, mask = (t.to(device) for t in (tokens, positions, slots, mask))
+        """Inputs padded to the graph's width, on their own device: extra columns write the
+        trash slot and see only it (a dense mask) or the prefix and the block's first slot
+        (`TreeMask.padded`)."""
+        device = tokens.device
         batch, extra = tokens.shape[0], width - tokens.shape[1]
         trash = trash_slot(self.cache)
         if isinstance(mask, TreeMask):
@@ -196,10 +217,19 @@ class GraphedForward(CapturedGraphs):
         return tokens, positions, torch.cat([slots, pad], dim=1), mask
 
     def _capture(self, pool, tokens, positions, slots, mask):
-        mask = TreeMask(*(t.clone() for t in mask)) if isinstance(mask, TreeMask) else mask.clone()
-        inputs = (*(t.clone() for t in (tokens, positions, slots)), mask)
+        """The graph, its static inputs and output, and `packed`: one buffer the long static
+        inputs (tokens, positions, slots, a TreeMask's prefix) are views of, so that a step
+        built on the host loads them in one copy."""
+        tree = isinstance(mask, TreeMask)
+        longs = [tokens, positions, slots] + ([mask.prefix] if tree else [])
+        packed = torch.cat([t.reshape(-1) for t in longs])
+        views = [part.view(t.shape) for part, t in zip(
+            packed.split([t.numel() for t in longs]), longs, strict=True
+        )]  # fmt: skip
+        mask = TreeMask(views[3], mask.local.clone()) if tree else mask.clone()
+        inputs = (*views[:3], mask)
         graph, logits = capture_graph(lambda: self._forward(*inputs), pool)
-        return graph, inputs, logits
+        return graph, inputs, logits, packed if tree else None
 
 
 class GraphedDecode(CapturedGraphs):

@@ -174,16 +174,15 @@ def run_speculative(
             )
             # -- verify: one target pass over every row's tree ----------------------------
             t0 = time.perf_counter()
-            lengths_t = to_device(riding(lengths), device, torch.long)
             width = max(len(tree) for tree in trees)
             busy = idle is not None and drafter.idle_work  # events only while there is work
             gpu_clock = idle_clock.start() if busy else None
-            if width:
-                tokens, positions, slots, mask = pad_trees(trees).verify_inputs(
-                    to_device(last, device, torch.long), lengths_t
-                )
-                logits = verify_forward(tokens, positions, slots, mask)
+            if width:  # built on the host: the graphed forward loads it in two copies
+                inputs = pad_trees(trees).verify_inputs(torch.tensor(last), torch.tensor(
+                    riding(lengths)))  # fmt: skip
+                logits = verify_forward(*inputs)
             else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
+                lengths_t = to_device(riding(lengths), device, torch.long)
                 logits = runner.decode(to_device(last, device, torch.long), lengths_t)[:, None]
             if busy:  # the GPU verifies: the host's wait, given to the drafters
                 idle(idle_clock.budget(gpu_clock))

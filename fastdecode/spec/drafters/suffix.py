@@ -53,7 +53,6 @@ from fastdecode.spec.tree import DraftTree
 __all__ = ["EAGER_MIN", "EAGER_PROMPT", "SuffixDrafter", "SuffixTree"]
 
 
-
 class SuffixTree:
     """A depth-bounded suffix trie with occurrence counts over several token sequences.
 
