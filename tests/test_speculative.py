@@ -56,6 +56,36 @@ def test_tree_rejects_bad_shapes():
         DraftTree.chain([1, 2], q=[None])
 
 
+def test_host_built_verify_inputs_match_on_every_real_column():
+    """verify_step_inputs (Python lists, at a graph's width) gives the tree's columns the
+    inputs TreeBatch.verify_inputs gives them; padding columns write only the trash slot
+    and see only the root's slot."""
+    from fastdecode.spec.tree import verify_step_inputs
+
+    trees = [DraftTree([7, 8, 9], [-1, -1, 0]), DraftTree.empty(), DraftTree.chain([4])]
+    last, lengths = [1, 2, 3], [5, 2, 3]
+    ref = pad_trees(trees).verify_inputs(torch.tensor(last), torch.tensor(lengths))
+    for columns in (None, 8):
+        tokens, positions, slots, mask = verify_step_inputs(trees, last, lengths, columns, 99)
+        width = columns or 4
+        assert tokens.shape == (3, width) and mask.local.shape == (3, width, width)
+        assert mask.prefix.tolist() == lengths
+        for b, tree in enumerate(trees):
+            real = 1 + len(tree)
+            assert tokens[b, :real].tolist() == ref[0][b, :real].tolist()
+            assert positions[b, :real].tolist() == ref[1][b, :real].tolist()
+            assert slots[b, :real].tolist() == ref[2][b, :real].tolist()
+            assert mask.local[b, :real, :real].tolist() == ref[3].local[b, :real, :real].tolist()
+            assert not mask.local[b, :real, real:].any()
+            assert set(slots[b, real:].tolist()) <= {99}
+            assert all(
+                row == [True] + [False] * (mask.local.shape[2] - 1)
+                for row in mask.local[b, real:].tolist()
+            )
+    with pytest.raises(ValueError, match="does not fit"):
+        verify_step_inputs(trees, last, lengths, 3)
+
+
 def test_pad_trees_and_verify_inputs():
     trees = [DraftTree([7, 8, 9], [-1, -1, 0]), DraftTree.empty(), DraftTree.chain([4])]
     batch = pad_trees(trees)

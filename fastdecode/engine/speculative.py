@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastdecode.engine.generate import _synchronize
-from fastdecode.engine.graphed import captures, trash_slot
+from fastdecode.engine.graphed import bucket, captures, trash_slot
 from fastdecode.engine.host_copy import to_device
 from fastdecode.engine.idle_clock import IdleClock
 from fastdecode.engine.plain_burst import plain_burst
@@ -46,7 +46,7 @@ from fastdecode.engine.spec_state import Contexts, SpecStats, SpecTiming, ride_l
 from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
-from fastdecode.spec.tree import DraftTree, pad_trees
+from fastdecode.spec.tree import DraftTree, verify_step_inputs
 from fastdecode.spec.verify import Verdict, verify_batch
 
 RETIME_SHARE = 0.75  # fused cycle + goodput rule: time a plain step again at 3/4 of the rows
@@ -177,9 +177,10 @@ def run_speculative(
             width = max(len(tree) for tree in trees)
             busy = idle is not None and drafter.idle_work  # events only while there is work
             gpu_clock = idle_clock.start() if busy else None
-            if width:  # built on the host: the graphed forward loads it in two copies
-                inputs = pad_trees(trees).verify_inputs(torch.tensor(last), torch.tensor(
-                    riding(lengths)))  # fmt: skip
+            if width:  # built on the host at the graph's width: loaded in two copies
+                columns = bucket(1 + width) if verify_forward.enabled else None
+                inputs = verify_step_inputs(trees, last, riding(lengths), columns,
+                                            trash_slot(cache))  # fmt: skip
                 logits = verify_forward(*inputs)
             else:  # no drafts anywhere: a plain decode step (its fast path / CUDA graph)
                 lengths_t = to_device(riding(lengths), device, torch.long)
