@@ -104,7 +104,8 @@ def fenced(runner, prompt, nodes, vocab) -> None:
     totals: dict = {}
     originals = [
         (graphed.GraphedDecode, "__call__"), (graphed.GraphedForward, "__call__"),
-        (speculative, "verify_batch"), (speculative, "pad_trees"), (speculative, "_compact"),
+        (speculative, "verify_batch"), (speculative, "verify_step_inputs"),
+        (speculative, "_compact"),
         (speculative, "_draft"), (batch_drafters.PerRowDrafters, "accept"),
         (speculative, "to_device"),
     ]  # fmt: skip
@@ -123,8 +124,6 @@ def timeline(runner, prompt, nodes, vocab) -> None:
     """Where a step's wall time goes without syncs added: host time per phase (entry to
     exit, nested phases indented) and the verify graph's GPU time (CUDA events around its
     replay). The GPU idles for roughly wall - graph time."""
-    from fastdecode.spec import tree
-
     totals: dict = {}
     events: list = []
 
@@ -153,8 +152,7 @@ def timeline(runner, prompt, nodes, vocab) -> None:
     saved = [
         wrap(speculative, "_draft", "draft"),
         wrap(speculative, "to_device", "to_device (loop)"),
-        wrap(speculative, "pad_trees", "pad_trees"),
-        wrap(tree.TreeBatch, "verify_inputs", "verify_inputs"),
+        wrap(speculative, "verify_step_inputs", "verify_step_inputs"),
         wrap(graphed.GraphedForward, "__call__", "verify forward (host)"),
         wrap(graphed.GraphedForward, "_pad", "  _pad"),
         wrap(speculative, "verify_batch", "verify_batch (waits for the GPU)"),
