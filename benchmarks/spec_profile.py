@@ -178,16 +178,48 @@ def timeline(runner, prompt, nodes, vocab) -> None:
     print(f"    loop's own Python: {ms - top * 1e3 / steps:.3f} ms/step (approx.)")
 
 
+def draft_batch(target: ModelRunner, batch: int, context: int, tree: str | None) -> None:
+    """A random 0.5B-shape draft model drafting for the target at `batch` rows: ms per step
+    and where it goes (a check that the batched draft-model path runs at speed)."""
+    from fastdecode.spec.drafters.draft_model import DraftModelDrafter
+    from fastdecode.spec.drafters.tree_drafting import TreeShape
+
+    draft = ModelRunner(random_model("0.5b"))
+    vocab = target.model.config.vocab_size
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (context,), generator=gen).tolist() for _ in range(batch)]
+    for rep in range(3):
+        drafter = DraftModelDrafter(draft, TreeShape.parse(tree), 4, vocab)
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+        states = [RequestState(params, set(), _NoText()) for _ in prompts]
+        timing = SpecTiming()
+        start = time.perf_counter()
+        for _ in run_speculative(target, prompts, states, timing, drafter, 4):
+            pass
+        sync()
+        wall = time.perf_counter() - start
+        print(f"draft model b{batch} ({tree or 'chain'}) run {rep}: {wall:.2f} s, "
+              f"{timing.steps} steps, {wall / timing.steps * 1e3:.2f} ms/step, draft "
+              f"{timing.draft_s / timing.steps * 1e3:.2f} ms/step", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--nodes", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--kernels", action="store_true", help="print the CUDA kernel tables")
+    parser.add_argument(
+        "--draft-batch", type=int, help="instead: a random 0.5B draft model at this batch"
+    )  # fmt: skip
     args = parser.parse_args()
     model = random_model(args.shape)
     vocab = SHAPES[args.shape][6]
     runner = ModelRunner(model)
+    if args.draft_batch:
+        for tree in (None, "dynamic:5:4"):
+            draft_batch(runner, args.draft_batch, args.contexts[0], tree)
+        return
     gen = torch.Generator().manual_seed(1)
     for context in args.contexts:
         prompt = torch.randint(0, 1000, (context,), generator=gen).tolist()
