@@ -97,7 +97,13 @@ def _run_triforce(runner, prompts, spec, warm: int = 4, around=None):
     timing = SpecTiming()
     drafter = spec.batch_drafter(runner, None, batch)
     steps = run_speculative(runner, prompts, states, timing, drafter, 4)
-    for _ in range(1 + warm):  # prefill, then graph captures of the first steps
+    return (*timed_steps(steps, warm, around), timing)
+
+
+def timed_steps(steps, warm: int, around=None) -> tuple[float, int]:
+    """Run a speculative loop's steps: the prefill and `warm` steps (graph captures) untimed,
+    the rest inside `around`; (ms per timed step, timed steps)."""
+    for _ in range(1 + warm):
         next(steps)
     sync()
     start, n = time.perf_counter(), 0
@@ -105,7 +111,7 @@ def _run_triforce(runner, prompts, spec, warm: int = 4, around=None):
         for _ in steps:
             n += 1
         sync()
-    return (time.perf_counter() - start) * 1e3 / max(1, n), n, timing
+    return (time.perf_counter() - start) * 1e3 / max(1, n), n
 
 
 def triforce(runner: ModelRunner, prompts: list[list[int]]) -> None:

@@ -12,7 +12,6 @@ committed speed numbers come from benchmarks/speculative.py on the real models.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import pstats
 import sys
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sparse_profile import _NoText, _timed, sync  # noqa: E402
+from sparse_profile import _NoText, _timed, sync, timed_steps  # noqa: E402
 from step_profile import SHAPES, random_model  # noqa: E402
 
 from fastdecode.engine import graphed, speculative  # noqa: E402
@@ -88,15 +87,7 @@ def spec_run(runner, prompt, nodes, vocab, around=None, warm: int = 4):
     states = [RequestState(params, set(), _NoText())]
     timing = SpecTiming()
     steps = run_speculative(runner, [prompt], states, timing, [RandomChain(nodes, vocab)], nodes)
-    for _ in range(1 + warm):  # prefill, then the first steps (graph captures)
-        next(steps)
-    sync()
-    start, n = time.perf_counter(), 0
-    with around or contextlib.nullcontext():
-        for _ in steps:
-            n += 1
-        sync()
-    return (time.perf_counter() - start) * 1e3 / max(1, n), n, timing
+    return (*timed_steps(steps, warm, around), timing)
 
 
 def fenced(runner, prompt, nodes, vocab) -> None:
