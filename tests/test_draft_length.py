@@ -286,3 +286,19 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
         GoodputLength(refresh_every=0)
     with pytest.raises(ValueError, match="max_explore_every"):
         GoodputLength(explore_every=8, max_explore_every=4)
+
+
+def test_goodput_guard_backs_off_per_batch_size():
+    """Losses at one batch size lengthen only that size's exploring interval: a config
+    serving batches of 8 and 32 explores at 32 on its own schedule."""
+    policy = GoodputLength(explore_every=2)
+    alphas8, alphas32 = [0.9] * 8, [0.9] * 32
+    for batch in (8, 32):
+        policy.record_plain(batch, 1.0)
+        policy.record_verify(batch, 5, 1.0)
+        policy.record_tokens(batch, True, 10, 1.0)
+        policy.record_tokens(batch, False, 100, 1.0)  # plain wins at both sizes
+    at8 = [policy.choose_k(alphas8, 4, batch=8) for _ in range(14)]
+    assert [i for i, k in enumerate(at8) if k] == [1, 5, 13]  # after 2, 4, 8 vetoes
+    at32 = [policy.choose_k(alphas32, 4, batch=32) for _ in range(6)]
+    assert [i for i, k in enumerate(at32) if k] == [1, 5]  # its own schedule from 2

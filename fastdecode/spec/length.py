@@ -238,7 +238,8 @@ class GoodputLength:
     (`probing` is set: the engine runs PROBE_STEPS plain steps); while speculation's
     realized rate is below plain decoding's, the model's choice is overruled with K = 0,
     except for one exploring speculative step after `explore_every` vetoes, then after
-    twice as many each time it loses again (up to `max_explore_every`): exploring is not
+    twice as many each time it loses again (up to `max_explore_every`; counted per batch
+    size, as the rates are): exploring is not
     free (a batch of 32 first proposals indexes their prompts), so a rule that keeps
     losing asks ever more rarely."""
 
@@ -263,12 +264,12 @@ class GoodputLength:
         self.guard = guard
         self.explore_every = explore_every
         self.max_explore_every = max_explore_every
-        self._interval = explore_every  # vetoes before the next exploring step
+        self._interval: dict[int, int] = {}  # batch -> vetoes before its next exploring step
         self.refresh_every = refresh_every
         self._since_plain: dict[int, int] = {}  # batch -> speculative plans since plain ran
         self.realized = RealizedRates()
         self.probing = False  # the last plan asks for a short plain probe
-        self._vetoes = 0
+        self._vetoes: dict[int, int] = {}  # batch -> vetoes since its last exploring step
         self.last_goodput: dict[int, float] = {}  # K -> predicted tokens / s at the last plan
 
     def record_tokens(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
@@ -318,14 +319,17 @@ class GoodputLength:
             self.probing = True
             return 0
         if spec >= plain * (1 + self.margin):
-            self._vetoes, self._interval = 0, self.explore_every
+            self._vetoes[batch], self._interval[batch] = 0, self.explore_every
             self._since_plain[batch] = self._since_plain.get(batch, 0) + 1
             return k
-        self._vetoes += 1
-        if self._vetoes < self._interval:
+        # per batch size: a config serving mixed batch sizes does not let the losses at
+        # one size silence exploring at another
+        self._vetoes[batch] = self._vetoes.get(batch, 0) + 1
+        interval = self._interval.get(batch, self.explore_every)
+        if self._vetoes[batch] < interval:
             return 0
-        self._vetoes = 0  # explore once; if it loses again, wait twice as long
-        self._interval = min(2 * self._interval, self.max_explore_every)
+        self._vetoes[batch] = 0  # explore once; if it loses again, wait twice as long
+        self._interval[batch] = min(2 * interval, self.max_explore_every)
         return k
 
     def plan(
