@@ -442,17 +442,18 @@ def test_suffix_defers_a_long_prompts_older_part_to_idle_time():
     assert short.backlog == 0
 
 
-def test_a_batch_shares_the_eager_prompt_window_and_reports_indexing_as_catch_up():
+@pytest.mark.parametrize("make", [lambda: SuffixDrafter(use_global=False), StandDrafter])
+def test_a_batch_shares_the_eager_prompt_window_and_reports_indexing_as_catch_up(make):
     """A batch indexes about EAGER_PROMPT prompt tokens before its first proposals (each row
     its share, at least EAGER_MIN), and the time spent indexing is reported as catch-up: the
     goodput rule, which prices K from the per-level draft cost, must not learn a one-off
     prompt index as drafting (it turned speculation off for good at batch 32)."""
     from fastdecode.spec.drafters.batch import PerRowDrafters
-    from fastdecode.spec.drafters.suffix import EAGER_MIN, EAGER_PROMPT
+    from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT
 
     prompt = list(range(1000, 1600)) * 2
     for batch in (1, 8, 64):
-        drafters = PerRowDrafters([SuffixDrafter(use_global=False) for _ in range(batch)])
+        drafters = PerRowDrafters([make() for _ in range(batch)])
         share = max(EAGER_MIN, EAGER_PROMPT // batch)
         drafters.propose([prompt] * batch, [4] * batch, [len(prompt)] * batch)
         assert all(d.backlog == max(0, len(prompt) - share) for d in drafters.drafters)

@@ -16,7 +16,7 @@ import torch
 
 from fastdecode.params import SamplingParams
 from fastdecode.spec.drafters.base import Drafter
-from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT
+from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT, PromptBacklog
 from fastdecode.spec.tree import DraftTree
 from fastdecode.spec.verify import Verdict, target_probs
 
@@ -63,7 +63,7 @@ class PerRowDrafters:
         self.catch_up_s = 0.0  # of the last propose: the drafters' indexing of new context
         share = max(EAGER_MIN, EAGER_PROMPT // max(1, len(self.drafters)))
         for drafter in self.drafters:  # the batch's first step indexes ~EAGER_PROMPT tokens
-            if hasattr(drafter, "eager_prompt"):
+            if isinstance(drafter, PromptBacklog):
                 drafter.eager_prompt = share
 
     def begin(self, prompts, params, generators, first, prefill_logits) -> None:
