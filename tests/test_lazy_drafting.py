@@ -232,3 +232,44 @@ def test_stats_count_the_plain_steps_of_bursts(tiny_llm, plain):
     config = SpeculativeConfig(method="ngram", num_draft_tokens=4, draft_length="goodput")
     result = tiny_llm.generate(PROMPTS[0], PARAMS, speculative_config=config)[0]
     assert 0 <= result.metrics["plain_steps"] <= result.metrics["spec_steps"]
+
+
+def test_first_speculative_step_after_a_burst_is_priced_without_its_catch_up(
+    tiny_llm, plain, monkeypatch
+):
+    """Indexing a burst's tokens (or the prompt) is a one-off paid by the first speculative
+    step after it: the rule prices that step without the drafters' catch-up, the steps
+    after it whole (their catch-up is the accepted tokens, a per-step cost)."""
+    from fastdecode.spec.drafters.batch import PerRowDrafters
+
+    catch_up = 0.05
+    original = PerRowDrafters.propose
+
+    def slow_catch_up(self, contexts, rooms, lengths):
+        trees = original(self, contexts, rooms, lengths)
+        if any(rooms):
+            import time
+
+            time.sleep(catch_up)  # a big backlog indexed, reported as catch-up
+            self.catch_up_s = catch_up
+        return trees
+
+    monkeypatch.setattr(PerRowDrafters, "propose", slow_catch_up)
+
+    class Logged(Phases):
+        def __init__(self) -> None:
+            super().__init__(1, 3)
+            self.spec_seconds: list[float] = []
+
+        def record_tokens(self, batch, speculative, tokens, seconds) -> None:
+            if speculative:
+                self.spec_seconds.append(seconds)
+
+    spec = SpeculativeConfig("ngram", num_draft_tokens=4)
+    states, _, policy = speculate(tiny_llm, spec, PROMPTS, lambda _: Logged())
+    assert [s.token_ids for s in states] == plain
+    seconds = policy.spec_seconds
+    assert len(seconds) >= 4
+    firsts = seconds[::3]  # each phase: 1 burst, then 3 speculative steps
+    later = [s for i, s in enumerate(seconds) if i % 3]
+    assert max(firsts) < catch_up <= min(later)
