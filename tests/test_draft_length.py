@@ -255,7 +255,7 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
     overrule it: a plain probe once speculation has been measured alone, K = 0 while
     speculation delivers less, one exploring step after `explore_every` vetoes, then after
     twice as many each time."""
-    policy = GoodputLength(explore_every=3, explore_steps=1)
+    policy = GoodputLength(explore_every=3)
     policy.record_plain(8, 1.0)
     policy.record_verify(8, 5, 1.0)  # verifying 5 tokens costs a plain step
     alphas = [0.9] * 8
@@ -284,8 +284,6 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
         GoodputLength(explore_every=0)
     with pytest.raises(ValueError, match="refresh_every"):
         GoodputLength(refresh_every=0)
-    with pytest.raises(ValueError, match="explore_steps"):
-        GoodputLength(explore_steps=0)
     with pytest.raises(ValueError, match="max_explore_every"):
         GoodputLength(explore_every=8, max_explore_every=4)
 
@@ -293,7 +291,7 @@ def test_goodput_guard_probes_plain_then_follows_realized_throughput():
 def test_goodput_guard_backs_off_per_batch_size():
     """Losses at one batch size lengthen only that size's exploring interval: a config
     serving batches of 8 and 32 explores at 32 on its own schedule."""
-    policy = GoodputLength(explore_every=2, explore_steps=1)
+    policy = GoodputLength(explore_every=2)
     alphas8, alphas32 = [0.9] * 8, [0.9] * 32
     for batch in (8, 32):
         policy.record_plain(batch, 1.0)
@@ -304,19 +302,3 @@ def test_goodput_guard_backs_off_per_batch_size():
     assert [i for i, k in enumerate(at8) if k] == [1, 5, 13]  # after 2, 4, 8 vetoes
     at32 = [policy.choose_k(alphas32, 4, batch=32) for _ in range(6)]
     assert [i for i, k in enumerate(at32) if k] == [1, 5]  # its own schedule from 2
-
-
-def test_goodput_guard_explores_several_steps_in_a_row():
-    """An exploration is `explore_steps` speculative plans in a row, whatever the rates say
-    meanwhile; if speculation then delivers more it goes on, else the vetoes resume."""
-    policy = GoodputLength(explore_every=2, explore_steps=3)
-    alphas = [0.9] * 8
-    policy.record_plain(8, 1.0)
-    policy.record_verify(8, 5, 1.0)
-    policy.record_tokens(8, True, 10, 1.0)
-    policy.record_tokens(8, False, 100, 1.0)
-    plans = [policy.choose_k(alphas, 4, batch=8) for _ in range(10)]
-    assert plans == [0, 4, 4, 4, 0, 0, 0, 4, 4, 4]  # after 2 vetoes, then 4
-    for _ in range(8):
-        policy.record_tokens(8, True, 1000, 1.0)  # the exploration found speculation faster
-    assert policy.choose_k(alphas, 4, batch=8) == 4

@@ -121,7 +121,6 @@ def run_speculative(
     yield
 
     owed = None  # drafter updates of the last plain burst, handed over when next useful
-    transition = True  # the next speculative step follows the prefill or a plain burst
     riding = functools.partial(ride_lengths, cache, states)
     idle = getattr(drafter, "idle", None)  # deferred drafter work (a long prompt's index)
     idle_clock = IdleClock(device)
@@ -152,7 +151,6 @@ def run_speculative(
                                generators, length_policy, room=room, owed=owed,
                                max_steps=_plain_steps(length_policy, retime))  # fmt: skip
             plain_timed = len(active) if plain_timed else 0
-            transition = True
             timing.decode_s = time.perf_counter() - start - timing.prefill_s
             mark = time.perf_counter()
             yield
@@ -222,12 +220,7 @@ def run_speculative(
             # and the host's loop. Plain bursts are timed whole too, so the rule weighs the
             # real price of a speculative step (with the verify alone timed, it chose
             # draft-model steps at batch 8 that lost 42% to plain decoding; spec_batch_h100).
-            # The first step after a plain burst (or of the batch) leaves out the drafters'
-            # catch-up: indexing a burst's tokens (or the prompt) is a one-off, not the
-            # price of the next speculative step.
             whole_s = time.perf_counter() - step_start
-            if transition:
-                whole_s -= getattr(drafter, "catch_up_s", 0.0)
             if width:
                 length_policy.record_verify(batch, 1 + width, whole_s - drafting_s)
             elif not any(rooms):  # a plain step outside a burst (no row had room to draft)
@@ -236,7 +229,6 @@ def run_speculative(
             if hasattr(length_policy, "record_tokens"):
                 speculating = bool(width) or any(rooms)
                 length_policy.record_tokens(batch, speculating, emitted_now, whole_s)
-        transition = False
         timing.steps += 1
         timing.decode_s = time.perf_counter() - start - timing.prefill_s
         mark = time.perf_counter()

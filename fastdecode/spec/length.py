@@ -237,9 +237,7 @@ class GoodputLength:
     plain rate never contradicts speculation) -- the next plan is a short plain probe
     (`probing` is set: the engine runs PROBE_STEPS plain steps); while speculation's
     realized rate is below plain decoding's, the model's choice is overruled with K = 0,
-    except for `explore_steps` exploring speculative steps in a row (a single step after a
-    plain burst is dominated by its catch-up and the smoothed rate barely moves: at batch 8
-    the rule stayed plain where fixed K won by 21%) after `explore_every` vetoes, then after
+    except for one exploring speculative step after `explore_every` vetoes, then after
     twice as many each time it loses again (up to `max_explore_every`; counted per batch
     size, as the rates are): exploring is not
     free (a batch of 32 first proposals indexes their prompts), so a rule that keeps
@@ -254,14 +252,12 @@ class GoodputLength:
         explore_every: int = 8,
         max_explore_every: int = 256,
         refresh_every: int = 64,
-        explore_steps: int = 4,
     ):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         _check_k("explore_every", explore_every, minimum=1)
         _check_k("max_explore_every", max_explore_every, minimum=explore_every)
         _check_k("refresh_every", refresh_every, minimum=1)
-        _check_k("explore_steps", explore_steps, minimum=1)
         self.cost = StepCostModel() if cost is None else cost
         self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
         self.margin = margin
@@ -270,8 +266,6 @@ class GoodputLength:
         self.max_explore_every = max_explore_every
         self._interval: dict[int, int] = {}  # batch -> vetoes before its next exploring step
         self.refresh_every = refresh_every
-        self.explore_steps = explore_steps
-        self._exploring: dict[int, int] = {}  # batch -> exploring steps still to run
         self._since_plain: dict[int, int] = {}  # batch -> speculative plans since plain ran
         self.realized = RealizedRates()
         self.probing = False  # the last plan asks for a short plain probe
@@ -321,9 +315,6 @@ class GoodputLength:
         spec, plain = self.realized.rate(batch, True), self.realized.rate(batch, False)
         if spec is None:
             return k
-        if self._exploring.get(batch, 0) > 0:  # an exploration runs its steps in a row
-            self._exploring[batch] -= 1
-            return k
         if plain is None or self._since_plain.get(batch, 0) >= self.refresh_every:
             self.probing = True
             return 0
@@ -337,9 +328,8 @@ class GoodputLength:
         interval = self._interval.get(batch, self.explore_every)
         if self._vetoes[batch] < interval:
             return 0
-        self._vetoes[batch] = 0  # explore; if it loses again, wait twice as long
+        self._vetoes[batch] = 0  # explore once; if it loses again, wait twice as long
         self._interval[batch] = min(2 * interval, self.max_explore_every)
-        self._exploring[batch] = self.explore_steps - 1
         return k
 
     def plan(
