@@ -302,28 +302,3 @@ def test_goodput_guard_backs_off_per_batch_size():
     assert [i for i, k in enumerate(at8) if k] == [1, 5, 13]  # after 2, 4, 8 vetoes
     at32 = [policy.choose_k(alphas32, 4, batch=32) for _ in range(6)]
     assert [i for i, k in enumerate(at32) if k] == [1, 5]  # its own schedule from 2
-
-
-def test_goodput_realized_rates_overrule_a_pessimistic_model():
-    """The model would decode plainly (verification priced at 3 plain steps, the acceptance
-    prior): where speculation has delivered more than plain decoding it speculates anyway,
-    with the model's best K > 0 (the candidate K of a fused cycle); where it delivered less,
-    or plain's rate is stale, or the guard is off, the model decides."""
-    alphas = [0.6] * 32
-    for guard in (True, False):
-        policy = GoodputLength(guard=guard)
-        policy.record_plain(32, 1.0)
-        policy.record_verify(32, 5, 3.0)
-        assert policy.choose_k(alphas, 4, batch=32) == 0  # nothing measured: the model
-        policy.record_tokens(32, True, 300, 1.0)
-        policy.record_tokens(32, False, 100, 1.0)
-        assert policy.choose_k(alphas, 4, batch=32, candidates=(4,)) == (4 if guard else 0)
-        k = policy.choose_k(alphas, 4, batch=32)
-        goodput = policy.last_goodput
-        assert k == (max((k for k in goodput if k), key=goodput.get) if guard else 0)
-    policy = GoodputLength()
-    policy.record_plain(32, 1.0)
-    policy.record_verify(32, 5, 3.0)
-    policy.record_tokens(32, True, 50, 1.0)
-    policy.record_tokens(32, False, 100, 1.0)
-    assert policy.choose_k(alphas, 4, batch=32, candidates=(4,)) == 0  # speculation lost

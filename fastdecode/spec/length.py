@@ -241,10 +241,7 @@ class GoodputLength:
     twice as many each time it loses again (up to `max_explore_every`; counted per batch
     size, as the rates are): exploring is not
     free (a batch of 32 first proposals indexes their prompts), so a rule that keeps
-    losing asks ever more rarely. Symmetrically, where the model would decode plainly but
-    speculation has delivered more than plain decoding (both measured, plain's rate fresh),
-    the rule speculates with the model's best K > 0: realized rates choose the mode, the
-    model the length."""
+    losing asks ever more rarely."""
 
     def __init__(
         self,
@@ -308,21 +305,7 @@ class GoodputLength:
         self.last_goodput = goodput
         best = max(goodput, key=lambda k: (goodput[k], -k))
         best = best if goodput[best] > goodput[0] * (1 + self.margin) else 0
-        if best == 0 and self._realized_wins(batch):
-            # Measured, speculation delivered more than plain decoding: the model's
-            # acceptance (its prior until speculation runs) must not keep it off for good
-            # -- TriForce at 32K x 32 ran 2 cycles in 128 steps, though its cycles decode
-            # 1.34x faster while the whole batch decodes (longcontext_32k_triforce_h100)
-            best = max((k for k in goodput if k > 0), key=lambda k: (goodput[k], -k), default=0)
         return self._guarded(best, batch)
-
-    def _realized_wins(self, batch: int) -> bool:
-        """Both modes measured at this batch size, plain's rate fresh, speculation ahead."""
-        spec, plain = self.realized.rate(batch, True), self.realized.rate(batch, False)
-        if not self.guard or spec is None or plain is None:
-            return False
-        fresh = self._since_plain.get(batch, 0) < self.refresh_every
-        return fresh and spec >= plain * (1 + self.margin)
 
     def _guarded(self, k: int, batch: int) -> int:
         """The model's K, unless realized throughput says otherwise (class docstring)."""
