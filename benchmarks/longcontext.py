@@ -256,7 +256,19 @@ def main() -> None:
     p.add_argument("--hf-batch", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="longcontext")
+    p.add_argument(
+        "--rule-log", type=Path,
+        help="write the goodput rule's plans and timings (DEBUG lines) to this file",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.rule_log:
+        import logging
+
+        handler = logging.FileHandler(args.rule_log, mode="w")
+        handler.setFormatter(logging.Formatter("%(relativeCreated)d ms %(message)s"))
+        rule_log = logging.getLogger("fastdecode.goodput")
+        rule_log.addHandler(handler)
+        rule_log.setLevel(logging.DEBUG)
     llm = LLM(args.model, progress=False)
     model, tokenizer = llm.model, llm.tokenizer
     if CUDA:

@@ -18,12 +18,17 @@ SpecStats) and reports timings with `record_verify` / `record_plain`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from fastdecode.spec.realized import RealizedRates
 from fastdecode.spec.step_cost import StepCostModel
+
+# The goodput rule's decisions and what it learned from, at DEBUG (e.g. the benchmarks'
+# --rule-log): one line per plan and per recorded timing.
+RULE_LOG = logging.getLogger("fastdecode.goodput")
 
 
 class RowStats(Protocol):
@@ -276,13 +281,19 @@ class GoodputLength:
         """Tokens a step (or a plain burst) emitted over its whole wall time, the host's
         loop and the consumer's work between steps included."""
         self.realized.record(batch, speculative, tokens, seconds)
+        RULE_LOG.debug(
+            "tokens batch=%d %s %d in %.3f ms", batch, "spec" if speculative else "plain",
+            tokens, seconds * 1e3,
+        )  # fmt: skip
         if not speculative:
             self._since_plain[batch] = 0
 
     def record_verify(self, batch: int, width: int, seconds: float) -> None:
+        RULE_LOG.debug("verify batch=%d width=%d %.3f ms", batch, width, seconds * 1e3)
         self.cost.record(batch, width, seconds)
 
     def record_plain(self, batch: int, seconds: float) -> None:
+        RULE_LOG.debug("plain step batch=%d %.3f ms", batch, seconds * 1e3)
         self.cost.record(batch, 1, seconds)
 
     def record_draft(self, batch: int, levels: int, seconds: float) -> None:
@@ -305,7 +316,16 @@ class GoodputLength:
         self.last_goodput = goodput
         best = max(goodput, key=lambda k: (goodput[k], -k))
         best = best if goodput[best] > goodput[0] * (1 + self.margin) else 0
-        return self._guarded(best, batch)
+        chosen = self._guarded(best, batch)
+        if RULE_LOG.isEnabledFor(logging.DEBUG):
+            RULE_LOG.debug(
+                "plan batch=%d rows=%d alpha=%.3f goodput=%s model_k=%d k=%d probing=%s "
+                "realized spec=%s plain=%s", batch, len(alphas),
+                sum(alphas) / max(1, len(alphas)), {k: round(v) for k, v in goodput.items()},
+                best, chosen, self.probing, self.realized.rate(batch, True),
+                self.realized.rate(batch, False),
+            )  # fmt: skip
+        return chosen
 
     def _guarded(self, k: int, batch: int) -> int:
         """The model's K, unless realized throughput says otherwise (class docstring)."""
