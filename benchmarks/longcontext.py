@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from fastdecode import LLM  # noqa: E402
 from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
 from fastdecode.bench.report import write_table_report  # noqa: E402
+from fastdecode.bench.rule_log import enable_rule_log  # noqa: E402
 from fastdecode.engine.generate import BatchTiming, run_batch  # noqa: E402
 from fastdecode.engine.runner import ModelRunner  # noqa: E402
 from fastdecode.engine.speculative import SpecTiming, run_speculative  # noqa: E402
@@ -262,13 +263,7 @@ def main() -> None:
     )  # fmt: skip
     args = p.parse_args()
     if args.rule_log:
-        import logging
-
-        handler = logging.FileHandler(args.rule_log, mode="w")
-        handler.setFormatter(logging.Formatter("%(relativeCreated)d ms %(message)s"))
-        rule_log = logging.getLogger("fastdecode.goodput")
-        rule_log.addHandler(handler)
-        rule_log.setLevel(logging.DEBUG)
+        enable_rule_log(args.rule_log)
     llm = LLM(args.model, progress=False)
     model, tokenizer = llm.model, llm.tokenizer
     if CUDA:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from fastdecode import LLM, SamplingParams  # noqa: E402
 from fastdecode.bench.hf_baseline import hf_model_from_checkpoint  # noqa: E402
 from fastdecode.bench.report import write_table_report  # noqa: E402
+from fastdecode.bench.rule_log import enable_rule_log  # noqa: E402
 from fastdecode.spec.config import SpeculativeConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -405,7 +406,13 @@ def main() -> None:
     p.add_argument("--replot", type=Path, help="draw the plot of a saved report and exit")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="speculative")
+    p.add_argument(
+        "--rule-log", type=Path,
+        help="write the goodput rule's plans and timings (DEBUG lines) to this file",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.rule_log:
+        enable_rule_log(args.rule_log)
     if args.replot:
         plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
         return
