@@ -69,19 +69,22 @@ def policies(runner: ModelRunner, prompts: list[list[int]], context: int) -> Non
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
-def _timed(owner, name: str, totals: dict) -> None:
-    """Wrap owner.name with device syncs on both sides, adding its wall time to totals[name]:
-    per-phase times that include the host's share (a sync-free run overlaps them)."""
+def _timed(owner, name: str, totals: dict, label: str | None = None, fence: bool = True):
+    """Wrap owner.name, adding its wall time to totals[label] (default "Owner.name"); with
+    `fence`, device syncs on both sides: per-phase times that include the host's share (a
+    sync-free run overlaps them). Returns the original, to restore."""
     inner = getattr(owner, name)
+    key = label or f"{getattr(owner, '__name__', owner)}.{name}"
 
     def wrapper(*args, **kwargs):
-        sync()
+        if fence:
+            sync()
         start = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            sync()
-            key = f"{getattr(owner, '__name__', owner)}.{name}"
+            if fence:
+                sync()
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
     setattr(owner, name, wrapper)

@@ -119,17 +119,7 @@ def timeline(runner, prompt, nodes, vocab) -> None:
     events: list = []
 
     def wrap(owner, name, label):
-        inner = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                totals[label] = totals.get(label, 0.0) + time.perf_counter() - start
-
-        setattr(owner, name, wrapper)
-        return owner, name, inner
+        return owner, name, _timed(owner, name, totals, label, fence=False)
 
     replay = torch.cuda.CUDAGraph.replay
 

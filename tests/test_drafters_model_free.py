@@ -425,7 +425,7 @@ def test_suffix_defers_a_long_prompts_older_part_to_idle_time():
     older part holds is proposed once that part is indexed."""
     import random
 
-    from fastdecode.spec.drafters.suffix import EAGER_PROMPT
+    from fastdecode.spec.drafters.prompt_backlog import EAGER_PROMPT
 
     rng = random.Random(3)
     motif = [9001, 9002, 9003, 9004, 9005, 9006]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fastdecode.spec.length import RULE_LOG
+
 
 def enable_rule_log(path: Path) -> None:
     """Write the rule's DEBUG lines to `path` (overwritten), each stamped with the ms since
     the process started."""
     handler = logging.FileHandler(path, mode="w")
     handler.setFormatter(logging.Formatter("%(relativeCreated)d ms %(message)s"))
-    log = logging.getLogger("fastdecode.goodput")
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
+    RULE_LOG.addHandler(handler)
+    RULE_LOG.setLevel(logging.DEBUG)

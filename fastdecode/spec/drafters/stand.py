@@ -177,12 +177,9 @@ class StandDrafter(PromptBacklog):
         """Catch the count table up with `context`: at a first proposal its last
         `eager_prompt` tokens (the older part is a backlog for idle time); later whatever
         `update` did not hand over (normally nothing)."""
-        if self._indexed == 0:
-            start = self._defer(context)
-            self._tail = list(context[max(0, start - self.max_ngram) : start])
-            self._count_tokens(context[start:])
-            self._indexed = len(context)
-        elif len(context) > self._indexed:
+        if self._indexed == 0:  # the older part: counted from the backlog in idle time
+            self._indexed = self._defer(context)
+        if len(context) > self._indexed:
             self._tail = list(context[max(0, self._indexed - self.max_ngram) : self._indexed])
             self._count_tokens(context[self._indexed :])
         elif len(context) < self._indexed:  # a shorter context (no reset): keep the tables

@@ -47,10 +47,8 @@ import itertools
 import time
 from collections.abc import Sequence
 
-from fastdecode.spec.drafters.prompt_backlog import EAGER_MIN, EAGER_PROMPT, PromptBacklog
+from fastdecode.spec.drafters.prompt_backlog import PromptBacklog
 from fastdecode.spec.tree import DraftTree
-
-__all__ = ["EAGER_MIN", "EAGER_PROMPT", "SuffixDrafter", "SuffixTree"]
 
 
 class SuffixTree:
@@ -229,7 +227,6 @@ class SuffixDrafter(PromptBacklog):
         self.use_global = bool(use_global)
         self.global_tree = global_tree if global_tree is not None else SuffixTree(max_depth)
         self.max_global_nodes = max_global_nodes
-        self.eager_prompt = EAGER_PROMPT  # PerRowDrafters shares it by the batch
         self.reset()
 
     @staticmethod
