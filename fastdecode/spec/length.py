@@ -244,9 +244,8 @@ class GoodputLength:
     realized rate is below plain decoding's, the model's choice is overruled with K = 0,
     except for one exploring speculative step after `explore_every` vetoes, then after
     twice as many each time it loses again (up to `max_explore_every`; counted per batch
-    size, as the rates are): exploring is not
-    free (a batch of 32 first proposals indexes their prompts), so a rule that keeps
-    losing asks ever more rarely."""
+    size, as the rates are): exploring is not free (a batch of 32 first proposals indexes
+    their prompts), so a rule that keeps losing asks ever more rarely."""
 
     def __init__(
         self,
