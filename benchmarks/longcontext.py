@@ -64,6 +64,12 @@ METHODS: dict[str, tuple[str | None, float, dict | None]] = {
     "triforce_quest": (None, 1.0, {"policy": "quest", "budget": 1 / 16}),
     # MagicDec drafts through a fixed small window whatever the context: cheaper draft steps
     "triforce_window512": (None, 1.0, {"policy": "streaming_read", "budget": 512}),
+    # the baseline of the cycle's run-ahead: the host reads each cycle before the next starts
+    "triforce_streaming_sync": (
+        None,
+        1.0,
+        {"policy": "streaming_read", "budget": 1 / 16, "run_ahead": False},
+    ),
 }
 
 
@@ -128,8 +134,11 @@ def run_one(
         timing = BatchTiming()
         steps = run_batch(runner, prompts, states, timing, check_every=1)
     else:
-        spec = SpeculativeConfig("triforce", num_draft_tokens=draft_tokens, drafter_kwargs=triforce)
+        options = dict(triforce)
+        run_ahead = options.pop("run_ahead", True)
+        spec = SpeculativeConfig("triforce", num_draft_tokens=draft_tokens, drafter_kwargs=options)
         drafter = spec.batch_drafter(runner, tokenizer, len(prompts))
+        drafter.run_ahead = run_ahead
         timing = SpecTiming()
         policy = GoodputLength() if goodput else None  # K or 0 per step, from measured costs
         steps = run_speculative(runner, prompts, states, timing, drafter, draft_tokens, policy)
@@ -176,6 +185,9 @@ def run_one(
         row["steps"] = timing.steps  # from the start: the prefill's step + every verify step
         row["ideal_steps"] = math.ceil(new_tokens / mean_tau) if mean_tau else None
         row["cycles"] = timing.fused_steps  # TriForce's one-graph cycles among the steps
+        cycle = getattr(drafter, "device_cycle", None)
+        row["cycles_ahead"] = cycle.ahead_taken if cycle is not None else None
+        row["ahead_dropped"] = cycle.ahead_dropped if cycle is not None else None
     outputs = [s.token_ids for s in states]
     if full_outputs is not None:
         same = sum(a == b for a, b in zip(outputs, full_outputs, strict=True))
@@ -211,7 +223,7 @@ COLUMNS = [
     "context", "batch", "method", "ms_per_output_step", "decode_tokens_per_s",
     "speedup_vs_full", "full_batch_speedup", "ttft_ms", "kv_MiB", "kv_ratio_vs_full",
     "decode_peak_GiB", "max_batch_estimate", "tau", "tau_min", "tau_median", "steps", "ideal_steps",
-    "cycles", "identical_to_full_fraction",
+    "cycles", "cycles_ahead", "identical_to_full_fraction",
 ]  # fmt: skip
 
 

@@ -47,3 +47,31 @@ def test_speculative_greedy_on_cuda_equals_plain(cuda_llm, method):
     spec = SpeculativeConfig(method=method, num_draft_tokens=4)
     ours = [r.token_ids for r in cuda_llm.generate(prompts, params, speculative_config=spec)]
     assert ours == plain
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_triforce_device_cycle_on_cuda_equals_plain(cuda_llm, run_ahead):
+    """TriForce's one-graph cycle, launched one cycle ahead of the host's read or not, on
+    a ragged batch (one row stopping on a token the device cannot see): plain's tokens."""
+    from fastdecode.engine.spec_state import SpecTiming
+    from fastdecode.engine.speculative import run_speculative
+
+    prompts = [[5 + i % 40 for i in range(60)], [9 + i % 23 for i in range(37)], [3, 4, 5] * 9]
+    free = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (30, 21, 26)]
+    stop = cuda_llm.generate(prompts[2], free[2])[0].token_ids[9]
+    params = [*free[:2], SamplingParams(max_tokens=26, stop_token_ids=[stop])]
+    plain = [r.token_ids for r in cuda_llm.generate(prompts, params)]
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=3,
+        drafter_kwargs={"policy": "streaming_read", "budget": 16},
+    )  # fmt: skip
+    drafter = spec.batch_drafter(cuda_llm.runner, cuda_llm.tokenizer, len(prompts))
+    drafter.run_ahead = run_ahead
+    states = cuda_llm._new_states(params)
+    timing = SpecTiming()
+    for _ in run_speculative(cuda_llm.runner, prompts, states, timing, drafter, 3):
+        pass
+    assert [s.token_ids for s in states] == plain
+    cycle = drafter.device_cycle
+    assert timing.fused_steps > 0 and cycle.enabled  # replayed as a CUDA graph
+    assert (cycle.ahead_taken > 0) == run_ahead and cycle.ahead_dropped == 0

@@ -324,6 +324,33 @@ def test_triforce_device_cycle_drafts_and_accepts_what_the_generic_loop_does(
 
 
 @pytest.mark.slow
+def test_triforce_cycles_run_ahead_through_rows_that_stop_on_a_token(smollm2_llm, essays):
+    """The next cycle is launched before the host reads the current one; a row that stops
+    on a token (which the device cannot see) runs one cycle more there, and the host's
+    inputs still match what the device computed for every other row: the launched-ahead
+    cycles are taken, none dropped, and the text is plain greedy's."""
+    prompts = [essays[0][:400], essays[1][:260], essays[2][:330]]
+    free = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 40, 25)]
+    plain = smollm2_llm.generate(prompts, free)
+    stop = plain[1].token_ids[12]  # row 1 stops early on a token the device decodes past
+    params = [free[0], SamplingParams(max_tokens=40, stop_token_ids=[stop]), free[2]]
+    expected = smollm2_llm.generate(prompts, params)
+    assert len(expected[1].token_ids) < 40
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=4,
+        drafter_kwargs={"policy": "streaming_read", "budget": 48},
+    )  # fmt: skip
+    states = smollm2_llm._new_states(params)
+    timing = SpecTiming()
+    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
+    for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4):
+        pass
+    assert [s.token_ids for s in states] == [r.token_ids for r in expected]
+    cycle = drafter.device_cycle
+    assert cycle.ahead_taken == timing.fused_steps - 1 and cycle.ahead_dropped == 0
+
+
+@pytest.mark.slow
 def test_triforce_with_the_goodput_rule_runs_its_cycle_or_plain_bursts(smollm2_llm, essays):
     """With the batch-aware rule TriForce's one-graph cycle runs at its depth or not at all
     (plain bursts when the measured cycle loses: on a CPU it always does, once measured):

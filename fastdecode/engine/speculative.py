@@ -46,6 +46,7 @@ from fastdecode.engine.spec_state import Contexts, SpecStats, SpecTiming, ride_l
 from fastdecode.engine.stopping import RequestState
 from fastdecode.spec.drafters.base import Drafter
 from fastdecode.spec.drafters.batch import BatchDrafter, PerRowDrafters
+from fastdecode.spec.fused_chain import CycleInputs
 from fastdecode.spec.tree import DraftTree, verify_step_inputs
 from fastdecode.spec.verify import Verdict, verify_batch
 
@@ -92,6 +93,8 @@ def run_speculative(
     batch_rule = length_policy is None or hasattr(length_policy, "choose_k")
     use = fused is not None and batch_rule and num_draft_tokens > 0
     fused = fused(params, num_draft_tokens) if use else None
+    if fused is not None:
+        fused.drain()  # a cycle a closed run launched ahead
     verify_forward = runner.multi_forward()
     if fused is None:  # the fused cycle captures its own graph
         verify_forward.prepare(batch, 1 + num_draft_tokens)
@@ -133,6 +136,11 @@ def run_speculative(
         retime = plain_timed and len(active) <= RETIME_SHARE * plain_timed
         if retime:  # one real plain step, timed, then the rule plans with its new price
             budget = dict.fromkeys(active, 0)
+        # the rule's plan for this step decides whether the cycle after it starts ahead;
+        # a cycle already launched ahead is this step, whatever the plan (a step's lag)
+        wants_cycle = any(budget.values())
+        if fused is not None and fused.ahead:
+            budget = dict.fromkeys(active, num_draft_tokens)
         rooms = [0] * batch
         for b in active:
             rooms[b] = max(0, min(
@@ -165,7 +173,13 @@ def run_speculative(
             # also when no row has room (the last token): its graph is already captured,
             # while a plain step would capture one in the middle of decoding
             t0 = time.perf_counter()
-            trees, verdicts = _fused_step(fused, last, riding(lengths), rooms)
+            remaining = [s.params.max_tokens - len(s.token_ids) for s in states]
+            inputs = CycleInputs(last, riding(lengths), rooms, remaining,
+                                 [not s.finished for s in states])  # fmt: skip
+            # the next cycle starts before this one is read unless every row ends here
+            run_ahead = fused.run_ahead and wants_cycle
+            run_ahead = run_ahead and any(remaining[b] > 1 + rooms[b] for b in active)
+            trees, verdicts = _fused_step(fused, inputs, run_ahead)
             width = num_draft_tokens  # what the cycle costs, whatever the rows' rooms
             timing.fused_steps += 1
         else:
@@ -236,6 +250,8 @@ def run_speculative(
 
     if owed is not None:  # e.g. the global suffix tree gets every request's whole output
         owed.flush()
+    if fused is not None:
+        fused.drain()
     for b, state in enumerate(states):
         timing.rows[b].cache_length = lengths[b]
         state.finalize()
@@ -294,9 +310,11 @@ def _draft(
     return trees, drafting
 
 
-def _fused_step(fused, last, lengths, rooms) -> tuple[list[DraftTree], list[Verdict]]:
+def _fused_step(
+    fused, inputs: CycleInputs, run_ahead: bool
+) -> tuple[list[DraftTree], list[Verdict]]:
     """One device-side greedy cycle (fastdecode.spec.fused_chain) as trees + verdicts."""
-    chains, accepted, bonus = fused(last, lengths, rooms)
+    chains, accepted, bonus = fused(inputs, run_ahead=run_ahead)
     trees = [DraftTree.chain(chain) for chain in chains]
     verdicts = [
         Verdict(list(range(n)), chain[:n] + [token])

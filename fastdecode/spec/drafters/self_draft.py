@@ -96,7 +96,10 @@ class SparseChainForward:
 class SelfDrafter:
     """One per batch. layer_ids: the layers the draft runs (None: all); sparse_policy: the
     ReadPolicy the draft reads through (the target's cache becomes a SelectiveKVCache
-    whose sparse reads are switched on only while drafting)."""
+    whose sparse reads are switched on only while drafting). run_ahead: the greedy
+    device cycle may start the next cycle before the host reads this one (`fused_chain`)."""
+
+    run_ahead = True
 
     def __init__(
         self,
@@ -151,6 +154,11 @@ class SelfDrafter:
                 self._forward, cache, pending, list(lengths), growers, self.params, decode
             )
 
+    @property
+    def device_cycle(self) -> FusedChainCycle | None:
+        """The greedy device cycle last handed out (its run-ahead counters), if any."""
+        return self._fused
+
     def fused_cycle(self, params, depth: int) -> FusedChainCycle | None:
         """TriForce's greedy chains as one device-side cycle (draft, verify, accept; see
         `fastdecode.spec.fused_chain`) when every row is greedy and chains never stop early;
@@ -163,7 +171,9 @@ class SelfDrafter:
             self._fused = FusedChainCycle(
                 self.runner.model, cache, depth, enabled=self.runner.cuda_graphs,
                 draft_mode=functools.partial(_sparse_reads, cache),
+                ride_at_zero=getattr(cache, "finished_rows_scratch", False),
             )  # fmt: skip
+        self._fused.run_ahead = self.run_ahead
         return self._fused
 
     def accept(self, contexts, verdicts) -> None:
