@@ -302,3 +302,45 @@ def test_goodput_guard_backs_off_per_batch_size():
     assert [i for i, k in enumerate(at8) if k] == [1, 5, 13]  # after 2, 4, 8 vetoes
     at32 = [policy.choose_k(alphas32, 4, batch=32) for _ in range(6)]
     assert [i for i, k in enumerate(at32) if k] == [1, 5]  # its own schedule from 2
+
+
+def test_goodput_explores_by_plain_steps_when_the_model_says_plain():
+    """TriForce's cycle (explore_by_steps): a model that says K = 0 never gets vetoed, so
+    the per-plan exploring never comes; after `explore_steps` plain steps one speculative
+    step runs anyway (`exploring`), the interval doubling each time the plan after it is
+    plain again and resetting when speculation wins."""
+    policy = GoodputLength(StepCostModel(table=BATCH32), explore_steps=4, max_explore_steps=8)
+    rows = list(range(32))
+    alpha = {"now": 0.3}
+    policy.acceptance.update = lambda row, stats: alpha["now"]
+
+    def plan(plain_steps=0):
+        if plain_steps:
+            policy.record_tokens(32, False, 32 * plain_steps, 0.01 * plain_steps, plain_steps)
+        stats = [SpecStats() for _ in rows]
+        k = policy.plan(rows, stats, 4, batch=32, candidates=(0, 4), explore_by_steps=True)[0]
+        return k, policy.exploring
+
+    assert plan() == (0, False)
+    assert plan(plain_steps=3) == (0, False)
+    assert plan(plain_steps=1) == (4, True)  # 4 plain steps: explore
+    policy.record_tokens(32, True, 40, 0.02)
+    assert plan() == (0, False)  # it lost: next after 8
+    assert plan(plain_steps=4) == (0, False)
+    assert plan(plain_steps=4) == (4, True)
+    policy.record_tokens(32, True, 40, 0.02)
+    assert plan() == (0, False)
+    assert plan(plain_steps=8) == (4, True)  # capped at max_explore_steps
+    policy.record_tokens(32, True, 9000, 1.0)  # speculation delivered more than plain
+    alpha["now"] = 0.9
+    assert plan() == (4, False)  # it won: back to every 4 plain steps
+    alpha["now"] = 0.3
+    assert plan(plain_steps=4) == (4, True)
+    # the generic loop's plans (explore_by_steps off) never explore by steps
+    policy = GoodputLength(StepCostModel(table=BATCH32), explore_steps=1)
+    policy.record_tokens(32, False, 3200, 1.0, 100)
+    low = [geometric_stats(0.3, k=4, steps=50) for _ in rows]
+    assert policy.plan(rows, low, 4, batch=32) == dict.fromkeys(rows, 0)
+    assert not policy.exploring
+    with pytest.raises(ValueError, match="max_explore_steps"):
+        GoodputLength(explore_steps=8, max_explore_steps=4)

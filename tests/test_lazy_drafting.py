@@ -195,9 +195,9 @@ def test_goodput_guard_measures_both_modes_in_the_loop(tiny_llm, plain, monkeypa
         return original(*args, **kwargs)
 
     class Logged(GoodputLength):
-        def record_tokens(self, batch, speculative, tokens, seconds):
+        def record_tokens(self, batch, speculative, tokens, seconds, steps=1):
             events.append(("spec" if speculative else "plain", tokens))
-            super().record_tokens(batch, speculative, tokens, seconds)
+            super().record_tokens(batch, speculative, tokens, seconds, steps)
 
     monkeypatch.setattr(spec_module, "plain_burst", spy)
     policy = Logged(cost=StepCostModel(table={(4, 1): 1.0, (4, 5): 1.0}))

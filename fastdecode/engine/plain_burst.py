@@ -71,7 +71,7 @@ def plain_burst(
     if captures() == captured:  # the first burst may capture the plain step's graph
         length_policy.record_plain(len(states), elapsed / max(1, launched))
         if hasattr(length_policy, "record_tokens"):
-            length_policy.record_tokens(len(states), False, booker.tokens, elapsed)
+            length_policy.record_tokens(len(states), False, booker.tokens, elapsed, launched)
     for b in active:
         timing.rows[b].verify_s += elapsed
     return booker

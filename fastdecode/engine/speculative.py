@@ -177,7 +177,9 @@ def run_speculative(
             inputs = CycleInputs(last, riding(lengths), rooms, remaining,
                                  [not s.finished for s in states])  # fmt: skip
             # the next cycle starts before this one is read unless every row ends here
-            run_ahead = fused.run_ahead and wants_cycle
+            # an exploring step stands alone: the plan after it decides
+            exploring = getattr(length_policy, "exploring", False)
+            run_ahead = fused.run_ahead and wants_cycle and not exploring
             run_ahead = run_ahead and any(remaining[b] > 1 + rooms[b] for b in active)
             trees, verdicts = _fused_step(fused, inputs, run_ahead)
             width = num_draft_tokens  # what the cycle costs, whatever the rows' rooms
@@ -330,8 +332,12 @@ def _plan(
         return {b: max_k for b in active}
     stats = [rows[b] for b in active]
     if hasattr(policy, "choose_k"):  # batch-aware: finished rows still ride in the forward
-        candidates = None if fused is None else (0, max_k)  # the fused cycle: K or plain
-        return policy.plan(active, stats, max_k, batch=batch, candidates=candidates)
+        if fused is None:
+            return policy.plan(active, stats, max_k, batch=batch)
+        # the fused cycle: K or plain; it drafts at no host cost, so it explores by steps
+        return policy.plan(
+            active, stats, max_k, batch=batch, candidates=(0, max_k), explore_by_steps=True
+        )
     return policy.plan(active, stats, max_k)
 
 

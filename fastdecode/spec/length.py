@@ -245,7 +245,17 @@ class GoodputLength:
     except for one exploring speculative step after `explore_every` vetoes, then after
     twice as many each time it loses again (up to `max_explore_every`; counted per batch
     size, as the rates are): exploring is not free (a batch of 32 first proposals indexes
-    their prompts), so a rule that keeps losing asks ever more rarely."""
+    their prompts), so a rule that keeps losing asks ever more rarely.
+
+    Exploring by steps (`plan(..., explore_by_steps=True)`; TriForce's device cycle, whose
+    drafting costs the host nothing): plain bursts leave the acceptance estimate at its
+    prior, and a model that says K = 0 is never vetoed, so the per-plan exploring above
+    never comes. But acceptance moves within a request (TriForce at 32K x 32: the first two
+    cycles of a 128-token continuation emitted ~2 tokens per row, the whole run 3.2 per
+    cycle; `longcontext_32k_triforce_*ahead_h100`), so after `explore_steps` plain steps
+    one speculative step runs whatever the model says (`exploring` is set for its plan),
+    and the interval doubles each time the plan after it goes back to plain (up to
+    `max_explore_steps`)."""
 
     def __init__(
         self,
@@ -256,12 +266,16 @@ class GoodputLength:
         explore_every: int = 8,
         max_explore_every: int = 256,
         refresh_every: int = 64,
+        explore_steps: int = 16,
+        max_explore_steps: int = 256,
     ):
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin!r}")
         _check_k("explore_every", explore_every, minimum=1)
         _check_k("max_explore_every", max_explore_every, minimum=explore_every)
         _check_k("refresh_every", refresh_every, minimum=1)
+        _check_k("explore_steps", explore_steps, minimum=1)
+        _check_k("max_explore_steps", max_explore_steps, minimum=explore_steps)
         self.cost = StepCostModel() if cost is None else cost
         self.acceptance = AcceptanceEstimate() if acceptance is None else acceptance
         self.margin = margin
@@ -275,17 +289,28 @@ class GoodputLength:
         self.probing = False  # the last plan asks for a short plain probe
         self._vetoes: dict[int, int] = {}  # batch -> vetoes since its last exploring step
         self.last_goodput: dict[int, float] = {}  # K -> predicted tokens / s at the last plan
+        self.explore_steps = explore_steps
+        self.max_explore_steps = max_explore_steps
+        self._plain_steps: dict[int, int] = {}  # batch -> plain steps since it speculated
+        self._step_interval: dict[int, int] = {}  # batch -> plain steps before exploring
+        self._explored: set[int] = set()  # batches whose last plan explored
+        self.exploring = False  # the last plan explores (a step whatever the model says)
 
-    def record_tokens(self, batch: int, speculative: bool, tokens: int, seconds: float) -> None:
-        """Tokens a step (or a plain burst) emitted over its whole wall time, the host's
-        loop and the consumer's work between steps included."""
+    def record_tokens(
+        self, batch: int, speculative: bool, tokens: int, seconds: float, steps: int = 1
+    ) -> None:
+        """Tokens a step (or a plain burst of `steps` steps) emitted over its whole wall
+        time, the host's loop and the consumer's work between steps included."""
         self.realized.record(batch, speculative, tokens, seconds)
         RULE_LOG.debug(
             "tokens batch=%d %s %d in %.3f ms", batch, "spec" if speculative else "plain",
             tokens, seconds * 1e3,
         )  # fmt: skip
-        if not speculative:
+        if speculative:
+            self._plain_steps[batch] = 0
+        else:
             self._since_plain[batch] = 0
+            self._plain_steps[batch] = self._plain_steps.get(batch, 0) + steps
 
     def record_verify(self, batch: int, width: int, seconds: float) -> None:
         RULE_LOG.debug("verify batch=%d width=%d %.3f ms", batch, width, seconds * 1e3)
@@ -358,15 +383,36 @@ class GoodputLength:
         max_k: int,
         batch: int | None = None,
         candidates: Sequence[int] | None = None,
+        explore_by_steps: bool = False,
     ) -> dict[int, int]:
-        """candidates: the Ks the loop can run (TriForce's one-graph cycle: 0 or its depth)."""
+        """candidates: the Ks the loop can run (TriForce's one-graph cycle: 0 or its depth);
+        explore_by_steps: explore after `explore_steps` plain steps (class docstring)."""
         _check_rows(rows, stats, max_k)
+        self.exploring = False
         if not rows:
             return {}
         alphas = [self.acceptance.update(row, st) for row, st in zip(rows, stats, strict=True)]
         batch = len(rows) if batch is None else batch
         k = self.choose_k(alphas, max_k, batch, candidates)
+        if explore_by_steps:
+            k = self._explore_stale(k, batch)
         return {row: k for row in rows}
+
+    def _explore_stale(self, k: int, batch: int) -> int:
+        """`k`, or the best speculative K when plain decoding has run `explore_steps` (then
+        twice as many after each exploration that lost) since speculation last ran."""
+        interval = self._step_interval.get(batch, self.explore_steps)
+        if batch in self._explored:  # the plan after an exploring step: did it win?
+            self._explored.discard(batch)
+            interval = self.explore_steps if k else min(2 * interval, self.max_explore_steps)
+            self._step_interval[batch] = interval
+        speculative = [j for j in self.last_goodput if j > 0]
+        if k or self.probing or not speculative or self._plain_steps.get(batch, 0) < interval:
+            return k
+        self.exploring = True
+        self._explored.add(batch)
+        RULE_LOG.debug("explore batch=%d after %d plain steps", batch, interval)
+        return max(speculative, key=self.last_goodput.get)
 
 
 POLICIES = {"fixed": FixedLength, "feedback": FeedbackLength, "goodput": GoodputLength}
