@@ -331,7 +331,8 @@ def test_goodput_explores_by_plain_steps_when_the_model_says_plain():
     policy.record_tokens(32, True, 40, 0.02)
     assert plan() == (0, False)
     assert plan(plain_steps=8) == (4, True)  # capped at max_explore_steps
-    policy.record_tokens(32, True, 9000, 1.0)  # speculation delivered more than plain
+    policy.record_tokens(32, True, 4000, 1.0)  # more than plain: replaces the stale rate
+    assert policy.realized.rate(32, True) == 4000
     alpha["now"] = 0.9
     assert plan() == (4, False)  # it won: back to every 4 plain steps
     alpha["now"] = 0.3

@@ -255,7 +255,7 @@ class GoodputLength:
     cycle; `longcontext_32k_triforce_*ahead_h100`), so after `explore_steps` plain steps
     one speculative step runs whatever the model says (`exploring` is set for its plan),
     and the interval doubles each time the plan after it goes back to plain (up to
-    `max_explore_steps`)."""
+    `max_explore_steps`); the exploring step's realized rate replaces speculation's."""
 
     def __init__(
         self,
@@ -300,7 +300,12 @@ class GoodputLength:
         self, batch: int, speculative: bool, tokens: int, seconds: float, steps: int = 1
     ) -> None:
         """Tokens a step (or a plain burst of `steps` steps) emitted over its whole wall
-        time, the host's loop and the consumer's work between steps included."""
+        time, the host's loop and the consumer's work between steps included. An exploring
+        step's rate replaces speculation's: the rate before it is at least `explore_steps`
+        plain steps old (at 32K x 32 it held the first two cycles' ~2 tokens per row and
+        vetoed the exploration that emitted 3.6)."""
+        if speculative and batch in self._explored:
+            self.realized.forget(batch, True)
         self.realized.record(batch, speculative, tokens, seconds)
         RULE_LOG.debug(
             "tokens batch=%d %s %d in %.3f ms", batch, "spec" if speculative else "plain",

@@ -28,6 +28,10 @@ class RealizedRates:
         old = self._rates.get(key)
         self._rates[key] = rate if old is None else old + self.smoothing * (rate - old)
 
+    def forget(self, batch: int, speculative: bool) -> None:
+        """Drop a rate that no longer describes the mode (the next record replaces it)."""
+        self._rates.pop((batch, speculative), None)
+
     def rate(self, batch: int, speculative: bool) -> float | None:
         """Tokens per second at this batch size (None: not measured)."""
         return self._rates.get((batch, speculative))
