@@ -253,6 +253,21 @@ def sparse_reads(monkeypatch) -> list[tuple[int, int]]:
     return reads
 
 
+def run_triforce(llm, prompts, params, k: int, budget: int, policy=None):
+    """The speculative loop with TriForce (streaming reads of `budget` slots, chains of
+    `k`) and an optional length policy; returns (states, timing, drafter)."""
+    spec = SpeculativeConfig(
+        method="triforce", num_draft_tokens=k,
+        drafter_kwargs={"policy": "streaming_read", "budget": budget},
+    )  # fmt: skip
+    states = llm._new_states(params)
+    timing = SpecTiming()
+    drafter = spec.batch_drafter(llm.runner, llm.tokenizer, len(prompts))
+    for _ in run_speculative(llm.runner, prompts, states, timing, drafter, k, policy):
+        pass
+    return states, timing, drafter
+
+
 @pytest.mark.slow
 def test_triforce_greedy_equals_full_attention_at_2k(smollm2_llm, essays, sparse_reads):
     """Sparse self-speculation (sinks + window, 64 of 2048 positions read while drafting):
@@ -298,17 +313,9 @@ def test_triforce_device_cycle_drafts_and_accepts_what_the_generic_loop_does(
     steps (max_tokens 7, 12, 9 with K = 4): same tokens, same per-row acceptance."""
     prompts = [essays[0][:400], essays[1][:260], essays[2][:330]]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (7, 12, 9)]
-    spec = SpeculativeConfig(
-        method="triforce", num_draft_tokens=4,
-        drafter_kwargs={"policy": "streaming_read", "budget": 48},
-    )  # fmt: skip
 
     def run():
-        states = smollm2_llm._new_states(params)
-        timing = SpecTiming()
-        drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
-        for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4):
-            pass
+        states, timing, _ = run_triforce(smollm2_llm, prompts, params, 4, 48)
         rows = [(r.emitted, r.steps, r.proposed, r.accepted) for r in timing.rows]
         return [s.token_ids for s in states], rows, timing.fused_steps
 
@@ -336,15 +343,7 @@ def test_triforce_cycles_run_ahead_through_rows_that_stop_on_a_token(smollm2_llm
     params = [free[0], SamplingParams(max_tokens=40, stop_token_ids=[stop]), free[2]]
     expected = smollm2_llm.generate(prompts, params)
     assert len(expected[1].token_ids) < 40
-    spec = SpeculativeConfig(
-        method="triforce", num_draft_tokens=4,
-        drafter_kwargs={"policy": "streaming_read", "budget": 48},
-    )  # fmt: skip
-    states = smollm2_llm._new_states(params)
-    timing = SpecTiming()
-    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
-    for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4):
-        pass
+    states, timing, drafter = run_triforce(smollm2_llm, prompts, params, 4, 48)
     assert [s.token_ids for s in states] == [r.token_ids for r in expected]
     cycle = drafter.device_cycle
     assert cycle.ahead_taken == timing.fused_steps - 1 and cycle.ahead_dropped == 0
@@ -359,17 +358,8 @@ def test_triforce_with_the_goodput_rule_runs_its_cycle_or_plain_bursts(smollm2_l
 
     prompts = [essays[0][:300], essays[1][:200]]
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    spec = SpeculativeConfig(
-        method="triforce", num_draft_tokens=4,
-        drafter_kwargs={"policy": "streaming_read", "budget": 32},
-    )  # fmt: skip
-    states = smollm2_llm._new_states([params, params])
-    timing = SpecTiming()
-    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
     policy = GoodputLength()
-    steps = run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 4, policy)
-    for _ in steps:
-        pass
+    states, timing, _ = run_triforce(smollm2_llm, prompts, [params, params], 4, 32, policy)
     assert timing.fused_steps > 0
     assert sum(r.steps for r in timing.rows) > 2 * timing.fused_steps  # plain steps too
     assert set(policy.last_goodput) == {0, 4}
@@ -399,16 +389,8 @@ def test_triforce_goodput_times_a_plain_step_again_as_rows_finish(smollm2_llm, e
 
     prompts = [essays[i % 3][40 * i : 190 + 80 * i] for i in range(4)]
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 14, 30, 30)]
-    spec = SpeculativeConfig(
-        method="triforce", num_draft_tokens=3,
-        drafter_kwargs={"policy": "streaming_read", "budget": 32},
-    )  # fmt: skip
-    states = smollm2_llm._new_states(params)
-    timing = SpecTiming()
-    drafter = spec.batch_drafter(smollm2_llm.runner, smollm2_llm.tokenizer, len(prompts))
     policy = AlwaysCycle()
-    for _ in run_speculative(smollm2_llm.runner, prompts, states, timing, drafter, 3, policy):
-        pass
+    states, timing, _ = run_triforce(smollm2_llm, prompts, params, 3, 32, policy)
     # at the start (all 4 rows), then once 3, 2 (and 1, unless the last two end together)
     rows = policy.plain_rows
     assert rows[:3] == [4, 3, 2] and rows[3:] in ([], [1])

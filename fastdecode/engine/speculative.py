@@ -22,8 +22,10 @@ when the batch is large enough that verification stops being nearly free.
 
 TriForce's greedy chains skip the host round trips altogether: their drafter hands the loop
 a `fused_cycle` (fastdecode.spec.fused_chain), one CUDA graph that drafts, verifies and
-accepts, read once per step. Rows that finished ride along at slot 0 where the cache allows
-it (`ride_lengths`), so they stop reading their whole context.
+accepts, read once per step; while the plan keeps speculating, the next cycle is launched
+before this one is read (the graph computes its inputs), so the host's work per step
+overlaps the GPU. Rows that finished ride along at slot 0 where the cache allows it
+(`ride_lengths`), so they stop reading their whole context.
 """
 
 from __future__ import annotations
