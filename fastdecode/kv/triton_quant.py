@@ -62,6 +62,12 @@ FBLOCK = 32  # full-precision slots per block
 MERGE_CHUNK = 16  # slices the merge reads at a time
 PROGRAMS_PER_SM = 6  # one-warp programs: ~5 resident per SM keep enough loads in flight
 MIN_SPLIT_BYTES = 16384  # shorter slices cost more in partial outputs than they save
+# Quantized slices of at most this many tokens: each program waits on a chain of small
+# loads per tile (salient flags, value scales / zeros), so more, shorter programs overlap
+# more of them. Timed in CUDA graphs at 32K (`kv_quant_variants.md`, H100): batch 32
+# 2-bit 115.6 -> 82.7 us, 4-bit 124.9 -> 97.4 us against ~5 programs per SM (3072-token
+# slices); 256 and 1024 tokens were slower than 512.
+MAX_SLICE_TOKENS = 512
 # constants the kernels read (Triton globals must be constexpr)
 _PLANE = tl.constexpr(PLANE)
 _FBLOCK = tl.constexpr(FBLOCK)
@@ -488,14 +494,15 @@ def launch_shape(
     """(tiles per quantized split, quantized splits, slots per fp split, fp splits) per
     (row, KV head): slices of about equal bytes, enough one-warp programs to keep `sms` SMs
     PROGRAMS_PER_SM deep, but none under MIN_SPLIT_BYTES (each slice costs a partial output
-    of GROUP x D, written and read again by the merge) unless that leaves SMs idle."""
+    of GROUP x D, written and read again by the merge) unless that leaves SMs idle, and no
+    quantized slice over MAX_SLICE_TOKENS."""
     tile_bytes = bytes_per_token(spec, head_dim) * spec.tile
     slot_bytes = 2 * head_dim * 2  # a full-precision K + V slot (16-bit)
     tiles = spec.slots // spec.tile
     total = (tiles * tile_bytes + extra * slot_bytes) * batch * num_kv_heads
     floor = min(MIN_SPLIT_BYTES, total / sms)  # small steps: one program per SM at least
     target = max(floor, total / (sms * PROGRAMS_PER_SM))
-    per_split = max(1, min(tiles, round(target / tile_bytes)))
+    per_split = max(1, min(tiles, round(target / tile_bytes), MAX_SLICE_TOKENS // spec.tile))
     blocks = max(1, min(-(-extra // FBLOCK), round(target / slot_bytes / FBLOCK)))
     extra_split = blocks * FBLOCK
     return per_split, -(-tiles // per_split), extra_split, -(-extra // extra_split)
