@@ -502,7 +502,9 @@ def launch_shape(
     total = (tiles * tile_bytes + extra * slot_bytes) * batch * num_kv_heads
     floor = min(MIN_SPLIT_BYTES, total / sms)  # small steps: one program per SM at least
     target = max(floor, total / (sms * PROGRAMS_PER_SM))
-    per_split = max(1, min(tiles, round(target / tile_bytes), MAX_SLICE_TOKENS // spec.tile))
+    # capped, and the full-precision slices with it (they hold about as many bytes)
+    target = min(target, max(1, MAX_SLICE_TOKENS // spec.tile) * tile_bytes)
+    per_split = max(1, min(tiles, round(target / tile_bytes)))
     blocks = max(1, min(-(-extra // FBLOCK), round(target / slot_bytes / FBLOCK)))
     extra_split = blocks * FBLOCK
     return per_split, -(-tiles // per_split), extra_split, -(-extra // extra_split)
