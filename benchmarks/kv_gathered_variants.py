@@ -54,7 +54,6 @@ import itertools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,7 +66,10 @@ if not torch.cuda.is_available() and "--compile-only" not in sys.argv:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+import graph_timing  # noqa: E402
+from graph_timing import large_copy_gbps  # noqa: E402
 
 from fastdecode.bench.report import header_lines, meta  # noqa: E402
 from fastdecode.kv import triton_gathered  # noqa: E402
@@ -452,37 +454,8 @@ def _error(full, ref) -> float:
 
 
 def graph_us(fn, launches: int = LAUNCHES, replays: int = REPLAYS) -> float:
-    """Microseconds per launch of fn(i), i = 0..launches-1 captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        for i in range(2):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(launches):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    del graph
-    return statistics.median(times)
-
-
-def large_copy_gbps(gib: float = 1.0) -> float:
-    """Device copy bandwidth: (read + write bytes) / time of a `gib` GiB copy."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * gib * 2**30 / graph_us(lambda i: dst.copy_(src), launches=5, replays=3) / 1e3
+    """`graph_timing.graph_us` with this script's defaults."""
+    return graph_timing.graph_us(fn, launches, replays)
 
 
 def same_size_copy_us(nbytes: int) -> float:
