@@ -143,11 +143,12 @@ def run_speculative(
         wants_cycle = any(budget.values())
         if fused is not None and fused.ahead:
             budget = dict.fromkeys(active, num_draft_tokens)
+        remaining = [s.params.max_tokens - len(s.token_ids) for s in states]
         rooms = [0] * batch
         for b in active:
             rooms[b] = max(0, min(
                 budget[b],
-                states[b].params.max_tokens - len(states[b].token_ids) - 1,  # target adds one
+                remaining[b] - 1,  # the target adds one
                 trash_slot(cache) - lengths[b] - 1,
             ))  # fmt: skip
         if length_policy is not None and not any(budget.values()):
@@ -175,7 +176,6 @@ def run_speculative(
             # also when no row has room (the last token): its graph is already captured,
             # while a plain step would capture one in the middle of decoding
             t0 = time.perf_counter()
-            remaining = [s.params.max_tokens - len(s.token_ids) for s in states]
             inputs = CycleInputs(last, riding(lengths), rooms, remaining,
                                  [not s.finished for s in states])  # fmt: skip
             # the next cycle starts before this one is read unless every row ends here

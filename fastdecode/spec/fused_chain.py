@@ -133,11 +133,11 @@ class FusedChainCycle(CapturedGraphs):
         launched = self._take_ahead(host_view)
         if launched is None:
             launched = self._launch(to_device(host_view, self.model.device, torch.long), live)
-        if run_ahead:  # inputs: this cycle's device-side successor
-            self._ahead = (None, self._launch(None, live))
+        # run ahead: the next cycle from this one's device-side successor state
+        ahead = self._launch(None, live) if run_ahead else None
         rows = launched.read()  # the one host read of the cycle
-        if self._ahead is not None:  # the inputs it ran with, for the next call to check
-            self._ahead = ([[row[depth + 2 + i] for row in rows] for i in range(5)], self._ahead[1])
+        if ahead is not None:  # with the inputs it ran with, for the next call to check
+            self._ahead = ([[row[depth + 2 + i] for row in rows] for i in range(5)], ahead)
         chains = [row[:room] for row, room in zip(rows, inputs.rooms, strict=True)]
         return chains, [row[depth] for row in rows], [row[depth + 1] for row in rows]
 
